@@ -1,0 +1,75 @@
+"""Measurement: accuracy, agreement, throughput, and MACs (analytic, cross-checked with FlopCounterMode)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Iterable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import loader
+
+
+def _batches(data: Dataset | DataLoader | Iterable, batch_size: int, limit: int | None) -> Iterable:
+    return loader(data, batch_size, limit=limit) if isinstance(data, Dataset) else data
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int = 256,
+            limit: int | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (logits [N, classes], labels [N]) of model over a dataset or loader."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    outs, labels = [], []
+    for x, y in tqdm(_batches(data, batch_size, limit), desc="eval", disable=not progress, leave=False):
+        outs.append(model(x).float())
+        labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(model: torch.nn.Module, data: Dataset | DataLoader, batch_size: int = 256,
+             limit: int | None = None, progress: bool = True) -> float:
+    """Top-1 accuracy (fraction) of model on a dataset or loader."""
+    logits, y = predict(model, data, batch_size, limit, progress)
+    return (logits.argmax(-1) == y).float().mean().item()
+
+
+def agreement(model: torch.nn.Module, ref: torch.nn.Module | torch.Tensor, data: Dataset | DataLoader,
+              batch_size: int = 256, limit: int | None = None, progress: bool = True) -> float:
+    """Fraction of images where model's top-1 equals the reference model's (or given reference logits')."""
+    logits, _ = predict(model, data, batch_size, limit, progress)
+    ref_logits = ref if isinstance(ref, torch.Tensor) else predict(ref, data, batch_size, limit, progress)[0]
+    return (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+
+
+@torch.inference_mode()
+def throughput(model: torch.nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 256,
+               runs: int = 5, warmup: int = 2, min_seconds: float = 0.0) -> dict[str, Any]:
+    """Images/s of model on random input: warm-up, then median over timed runs; records threads and batch."""
+    model.eval()
+    size = input_size or tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
+    x = torch.randn(batch_size, *size)
+    for _ in range(warmup):
+        model(x)
+    times: list[float] = []
+    while len(times) < runs or sum(times) < min_seconds:
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"img_per_s": batch_size / med, "median_s": med, "runs": len(times), "batch_size": batch_size,
+            "threads": torch.get_num_threads()}
+
+
+def counted_macs(model: torch.nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1) -> int:
+    """Matmul/conv MACs per image of the real forward, counted by torch.utils.flop_counter.FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = input_size or tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
+    x = torch.randn(batch_size, *size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model.eval()(x)
+    return counter.get_total_flops() // 2 // batch_size

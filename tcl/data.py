@@ -146,3 +146,16 @@ def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, limit: int
         ds = Subset(ds, range(min(limit, len(ds))))  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Check that Fashion-MNIST is available.")
+    ap.add_argument("--check", action="store_true", help="exit non-zero (with advice) when the data is missing")
+    ap.add_argument("--root", default=None)
+    args = ap.parse_args()
+    try:
+        print(f"Fashion-MNIST found in {_find_root(args.root, download=False)}")
+    except DataNotFoundError as err:
+        raise SystemExit(str(err))

@@ -102,4 +102,6 @@ def create(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any
                         "ViT/DeiT/EVA-style models built on timm.models.vision_transformer.VisionTransformer")
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    in_chans = model.patch_embed.proj.in_channels
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (in_chans, *model.patch_embed.img_size)}
     return model.eval()

@@ -96,7 +96,7 @@ class Schedule:
     @classmethod
     def evit(cls, model: torch.nn.Module, keep: float, layers: Sequence[int] | None = None,
              fuse: bool = False) -> "Schedule":
-        """EViT: at each of `layers` (default blocks 3/6/9 of 12, scaled to depth) keep ceil(keep·patches) (+1 fused)."""
+        """EViT: at `layers` (default 3/6/9 of 12, scaled to depth) keep ceil(keep·non-protected), +1 fused token if fuse."""
         d = vit_dims(model)
         if not 0 < keep <= 1:
             raise ScheduleError(f"keep must be in (0, 1], got {keep}")
@@ -104,14 +104,11 @@ class Schedule:
         if any(not 0 <= b < d.depth for b in layers):
             raise ScheduleError(f"EViT layers {layers} must be block indices in [0, {d.depth})")
         prune, merge, n = [], [], d.tokens
-        fused = 0
         for i in range(d.depth):
             if i in layers:
-                patches = n - d.prefix - fused
+                patches = n - d.prefix
                 kept = math.ceil(keep * patches)
-                if fuse and kept < patches:
-                    fused = 1
-                n = d.prefix + kept + fused
+                n = d.prefix + kept + (1 if fuse and kept < patches else 0)  # the fused token, if any
             prune.append(n)
             merge.append(n)
         return cls(prune, merge, {"kind": "evit", "keep": keep, "layers": layers, "fuse": fuse})

@@ -1,0 +1,76 @@
+"""Figure helpers shared by the notebooks."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def figure_dir(default: str | os.PathLike = "../figures") -> Path:
+    """Where figures go: $TCL_FIGURES when set (tests), else default; created if missing."""
+    d = Path(os.environ.get("TCL_FIGURES", default))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def save(fig: plt.Figure, name: str, fig_dir: str | os.PathLike | None = None) -> Path:
+    """Save fig as fig_dir/name.png (atomically) and return the path."""
+    d = figure_dir() if fig_dir is None else Path(fig_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.png"
+    tmp = d / f".{name}.tmp.png"
+    fig.savefig(tmp, dpi=130, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def training_curve(history: Sequence[dict[str, Any]]) -> plt.Figure:
+    """Loss and held-out accuracy per epoch."""
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ep = [h["epoch"] for h in history]
+    ax[0].plot(ep, [h["loss"] for h in history], marker="o")
+    ax[0].set(xlabel="epoch", ylabel="train loss (smoothed)")
+    ax[1].plot(ep, [100 * h["heldout_acc"] for h in history], marker="o", color="C1")
+    ax[1].set(xlabel="epoch", ylabel="held-out accuracy (%)")
+    fig.tight_layout()
+    return fig
+
+
+def confusion(pred: Sequence[int], true: Sequence[int], labels: Sequence[str]) -> plt.Figure:
+    """Row-normalised confusion matrix heatmap."""
+    import numpy as np
+    import seaborn as sns
+
+    k = len(labels)
+    cm = np.zeros((k, k))
+    np.add.at(cm, (np.asarray(true), np.asarray(pred)), 1)
+    cm = cm / cm.sum(1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sns.heatmap(100 * cm, annot=True, fmt=".0f", cmap="Blues", xticklabels=labels, yticklabels=labels, ax=ax, cbar=False)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion (% of true class)")
+    fig.tight_layout()
+    return fig
+
+
+def pareto(records: Sequence[dict[str, Any]], x: str, y: str, hue: str = "method",
+           xlabel: str | None = None, ylabel: str | None = None, ref: float | None = None) -> plt.Figure:
+    """One line per `hue` value through (x, y) points sorted by x; optional horizontal reference line."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(str(r[hue]), []).append(r)
+    for name, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r[y] for r in rs], marker="o", ms=4, label=name)
+    if ref is not None:
+        ax.axhline(ref, color="k", ls="--", lw=0.8, label="uncompressed")
+    ax.set(xlabel=xlabel or x, ylabel=ylabel or y)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,154 @@
+"""Foundation: data loading, the reference model, checkpoints, measurement and analytic MACs."""
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tcl
+from tcl import data, evaluate, models
+from tcl.schedule import Schedule, macs
+
+HAS_WEIGHTS = models.WEIGHTS.exists()
+
+
+# ---------------------------------------------------------------- data
+def test_fashion_mnist_splits_are_disjoint_and_fixed():
+    held = data.heldout_indices()
+    assert len(held) == data.HELDOUT_SIZE and len(np.unique(held)) == len(held)
+    assert np.array_equal(held, data.heldout_indices())  # seeded
+    tr, ho, te = data.fashion_mnist("train"), data.fashion_mnist("heldout"), data.fashion_mnist("test")
+    assert (len(tr), len(ho), len(te)) == (55000, 5000, 10000)
+    x_all, _ = data.load_arrays(train=True)
+    ref = torch.from_numpy(x_all[held[:3]].copy()).float() / 255
+    assert torch.allclose(ho.tensors[0][:3, 0] * data.FMNIST_STD[0] + data.FMNIST_MEAN[0], ref, atol=1e-6)
+    assert te.tensors[0].shape == (10000, 1, 28, 28) and set(te.tensors[1].unique().tolist()) == set(range(10))
+
+
+def test_missing_data_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "nowhere")
+    monkeypatch.delenv("TCL_DATA", raising=False)
+    with pytest.raises(data.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist("test", root=tmp_path)
+
+
+def test_given_root_and_truncated_idx(tmp_path):
+    for f in (f for pair in data.FMNIST_FILES.values() for f in pair):
+        shutil.copy(data.DEBIAN_ROOT / f, tmp_path / f)
+    assert len(data.fashion_mnist("test", root=tmp_path)) == 10000
+    raw = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        data.fashion_mnist("test", root=tmp_path)
+
+
+def test_digits_and_bad_split():
+    tr, te = data.digits("train"), data.digits("test")
+    assert len(tr) + len(te) == 1797 and tr.tensors[0].shape[1:] == (1, 16, 16)
+    with pytest.raises(ValueError, match="split must be"):
+        data.fashion_mnist("val")  # type: ignore[arg-type]
+
+
+def test_image_folder_uses_timm_eval_transforms(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    m = tcl.models.create("vit_tiny_patch16_224", img_size=32, num_classes=2)
+    ds = data.image_folder(tmp_path, model=m)
+    x, y = ds[3]
+    assert x.shape == (3, 32, 32) and y == 1 and len(ds) == 4
+    with pytest.raises(data.DataNotFoundError, match="ImageFolder"):
+        data.image_folder(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- models and checkpoints
+def test_reference_architecture():
+    m = models.build_reference()
+    assert m.patch_embed.num_patches == 49 and m.num_prefix_tokens == 1 and len(m.blocks) >= 8
+    assert m.blocks[0].attn.num_heads == 4 and m.embed_dim >= 128
+    assert m.pretrained_cfg["input_size"] == (1, 28, 28) and m.pretrained_cfg["mean"] == data.FMNIST_MEAN
+
+
+def test_checkpoint_roundtrip_corrupt_and_mismatched(tmp_path):
+    m = models.build_reference()
+    path = tmp_path / "w.safetensors"
+    models.save_weights(m, path, {"note": "x"})
+    m2 = models.build_reference()
+    assert models.load_weights(m2, path) == {"note": "x"}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(models.CheckpointError, match="corrupt"):
+        models.reference(bad)
+    with pytest.raises(models.CheckpointError, match="does not match"):
+        models.load_weights(models.build_reference(embed_dim=64), path)
+    with pytest.raises(models.CheckpointError, match="does not exist"):
+        models.create("deit_tiny_patch16_224", checkpoint=tmp_path / "absent.safetensors")
+
+
+def test_create_rejects_non_vit_and_unknown_names():
+    with pytest.raises(TypeError, match="not a timm VisionTransformer"):
+        models.create("resnet18")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        models.create("no_such_model_xyz")
+
+
+@pytest.mark.skipif(not HAS_WEIGHTS, reason="reference weights not trained yet")
+def test_shipped_reference_is_trained_and_small():
+    assert models.WEIGHTS.stat().st_size <= 10 * 2**20
+    m = models.reference()
+    assert not m.training
+    acc = evaluate.accuracy(m, data.fashion_mnist("test"), limit=2000, progress=False)
+    assert acc >= 0.88  # full test set >= 0.90 is checked by notebooks/00_reference_model
+
+
+# ---------------------------------------------------------------- measurement
+def test_accuracy_and_agreement_on_a_known_model():
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x.flatten(1)[:, 0].long() % 3, 3).float()
+
+    x = torch.arange(12).float().view(12, 1, 1, 1)
+    y = x.flatten().long() % 3
+    y[:3] = (y[:3] + 1) % 3
+    ds = torch.utils.data.TensorDataset(x, y)
+    assert evaluate.accuracy(Oracle(), ds, batch_size=5, progress=False) == pytest.approx(0.75)
+    assert evaluate.agreement(Oracle(), Oracle(), ds, progress=False) == 1.0
+
+
+def test_throughput_reports_median_and_threads():
+    m = models.build_reference(depth=1)
+    r = evaluate.throughput(m, batch_size=8, runs=3, warmup=1)
+    assert r["img_per_s"] > 0 and r["runs"] == 3 and r["threads"] == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("name,gmacs", [("deit_small_patch16_224", 4.60), ("deit_base_patch16_224", 17.56)])
+def test_published_macs(name, gmacs):
+    m = models.create(name)
+    assert round(macs(m) / 1e9, 2) == gmacs
+
+
+@pytest.mark.parametrize("kw", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
+def test_analytic_macs_equal_flop_counter(kw):
+    m = models.build_reference(**kw)
+    assert macs(m) == evaluate.counted_macs(m)
+
+
+def test_analytic_macs_equal_flop_counter_deit_small():
+    m = models.create("deit_small_patch16_224")
+    assert macs(m) == evaluate.counted_macs(m)
+
+
+def test_macs_rejects_non_vit():
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        macs(torch.nn.Linear(2, 2))
+    with pytest.raises(tcl.ScheduleError, match="blocks"):
+        macs(models.build_reference(), Schedule([50], [50]))

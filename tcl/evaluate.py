@@ -73,3 +73,52 @@ def counted_macs(model: torch.nn.Module, input_size: tuple[int, ...] | None = No
     with counter, torch.inference_mode():
         model.eval()(x)
     return counter.get_total_flops() // 2 // batch_size
+
+
+def compare(model: torch.nn.Module, methods: dict[str, tuple[Any, dict[str, Any]]], data: Dataset,
+            batch_size: int = 256, runs: int = 5, warmup: int = 1, limit: int | None = None,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Accuracy, agreement, MACs and throughput of named (schedule, patch kwargs) methods, side by side in one run.
+
+    Throughput is timed round-robin (every method once per round, `runs` rounds, median per method) so that
+    machine noise hits all methods alike; speedup and MACs ratio are both relative to the uncompressed model.
+    A method with schedule None is the uncompressed model.
+    """
+    from tqdm.auto import tqdm
+
+    from .patch import patch, unpatch
+    from .schedule import macs
+
+    full = macs(model)
+    unpatch(model)
+    base_logits, labels = predict(model, data, batch_size, limit, progress=False)
+    x = torch.randn(batch_size, *tuple(model.pretrained_cfg["input_size"]))  # type: ignore[index]
+    records: dict[str, dict[str, Any]] = {}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    with torch.inference_mode():
+        for rnd in tqdm(range(warmup + runs), desc="compare", disable=not progress):
+            for name, (schedule, kw) in methods.items():
+                if schedule is not None:
+                    patch(model, schedule, **kw)
+                if name not in records:
+                    logits, _ = predict(model, data, batch_size, limit, progress=False)
+                    records[name] = {"method": name, "macs": macs(model, schedule), "fraction": macs(model, schedule) / full,
+                                     "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+                                     "agreement": (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()}
+                t0 = time.perf_counter()
+                model(x)
+                if rnd >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+                unpatch(model)
+    base_s = statistics.median(times[next(n for n, (s, _) in methods.items() if s is None)]) \
+        if any(s is None for s, _ in methods.values()) else None
+    out = []
+    for name, rec in records.items():
+        med = statistics.median(times[name])
+        rec.update(img_per_s=batch_size / med, threads=torch.get_num_threads(), batch_size=batch_size,
+                   macs_ratio=full / rec["macs"])
+        if base_s is not None:
+            rec["speedup"] = base_s / med
+            rec["speedup_vs_macs_ratio"] = rec["speedup"] / rec["macs_ratio"]
+        out.append(rec)
+    return out

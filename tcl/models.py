@@ -79,8 +79,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, A
 
 
 def reference(weights: str | os.PathLike | None = None) -> VisionTransformer:
-    """The shipped trained Fashion-MNIST ViT, in eval mode."""
-    path = Path(weights) if weights is not None else WEIGHTS
+    """The shipped trained Fashion-MNIST ViT in eval mode ($TCL_REFERENCE_WEIGHTS or weights= override the file)."""
+    path = Path(weights or os.environ.get("TCL_REFERENCE_WEIGHTS") or WEIGHTS)
     model = build_reference()
     meta = load_weights(model, path)
     model.pretrained_cfg = {**model.pretrained_cfg, "tcl_metadata": meta}

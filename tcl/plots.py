@@ -74,3 +74,33 @@ def pareto(records: Sequence[dict[str, Any]], x: str, y: str, hue: str = "method
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def merge_overlay(images: Any, source: Any, grid: int, prefix: int, titles: Sequence[str] | None = None) -> plt.Figure:
+    """ToMe-style view: each final token's input patches drawn in one colour (its mean grey level) with outlines."""
+    import numpy as np
+
+    imgs = np.asarray(images)  # [B, H, W] in [0, 1]
+    src = np.asarray(source)[:, :, prefix:]  # [B, tokens, patches]
+    b = imgs.shape[0]
+    fig, axes = plt.subplots(2, b, figsize=(1.6 * b, 3.4), squeeze=False)
+    ps = imgs.shape[-1] // grid
+    for i in range(b):
+        owner = src[i].argmax(0).reshape(grid, grid)  # final token holding each patch
+        tok = np.kron(owner, np.ones((ps, ps), dtype=int))
+        mean = np.zeros_like(imgs[i])
+        for t in np.unique(tok):
+            mean[tok == t] = imgs[i][tok == t].mean()
+        edge = (np.diff(tok, axis=0, prepend=tok[:1]) != 0) | (np.diff(tok, axis=1, prepend=tok[:, :1]) != 0)
+        rgb = np.stack([mean] * 3, -1)
+        rgb[edge] = (1.0, 0.3, 0.1)
+        dropped = src[i].sum(0).reshape(grid, grid) == 0
+        rgb[np.kron(dropped, np.ones((ps, ps))) > 0] = (0.1, 0.2, 0.6)
+        axes[0, i].imshow(imgs[i], cmap="gray")
+        axes[1, i].imshow(rgb)
+        axes[0, i].set_title(titles[i] if titles else "", fontsize=7)
+        for a in axes[:, i]:
+            a.axis("off")
+    axes[1, 0].set_title("tokens (pruned = blue)", fontsize=7, loc="left")
+    fig.tight_layout()
+    return fig

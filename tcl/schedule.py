@@ -24,6 +24,7 @@ class ViTDims:
     depth: int
     classes: int
     patch_macs: int
+    heads: int = 1  # classifier heads (2 for DeiT's distilled models)
 
     @property
     def min_tokens(self) -> int:
@@ -43,7 +44,8 @@ def vit_dims(model: torch.nn.Module) -> ViTDims:
     k = math.prod(pe.proj.weight.shape[1:])
     return ViTDims(tokens=n + model.num_prefix_tokens, prefix=model.num_prefix_tokens, dim=model.embed_dim,
                    hidden=model.blocks[0].mlp.fc1.out_features, depth=len(model.blocks),
-                   classes=model.num_classes, patch_macs=n * model.embed_dim * k)
+                   classes=model.num_classes, patch_macs=n * model.embed_dim * k,
+                   heads=1 + isinstance(getattr(model, "head_dist", None), torch.nn.Linear))
 
 
 @dataclass(frozen=True)
@@ -80,16 +82,17 @@ class Schedule:
         return cls([d.tokens] * d.depth, [d.tokens] * d.depth, {"kind": "full"})
 
     @classmethod
-    def tome(cls, model: torch.nn.Module, r: int) -> "Schedule":
-        """ToMe: merge r tokens in every block (clipped so the protected tokens and one more survive)."""
+    def tome(cls, model: torch.nn.Module, r: float) -> "Schedule":
+        """ToMe: merge r tokens in every block (a fractional r spreads floor/ceil evenly; clipped to what fits)."""
         d = vit_dims(model)
         if r < 0:
             raise ScheduleError(f"r must be >= 0, got {r}")
         prune, merge, n = [], [], d.tokens
-        for _ in range(d.depth):
+        for i in range(d.depth):
             prune.append(n)
+            r_i = math.floor((i + 1) * r + 1e-9) - math.floor(i * r + 1e-9)
             # bipartite matching can merge at most half the non-protected tokens
-            n = max(n - min(r, (n - d.prefix) // 2), d.min_tokens)
+            n = max(n - min(r_i, (n - d.prefix) // 2), d.min_tokens)
             merge.append(n)
         return cls(prune, merge, {"kind": "tome", "r": r})
 
@@ -169,8 +172,47 @@ def macs(model: torch.nn.Module | ViTDims, schedule: Schedule | None = None) -> 
     """Analytic MACs per image (DiffRate convention) of the model under a schedule (None = uncompressed)."""
     d = model if isinstance(model, ViTDims) else vit_dims(model)
     s = schedule.check(d) if schedule is not None else Schedule([d.tokens] * d.depth, [d.tokens] * d.depth)
-    total, n = d.patch_macs + d.dim * d.classes, d.tokens
+    total, n = d.patch_macs + d.dim * d.classes * d.heads, d.tokens
     for m in s.merge:
         total += block_macs(n, m, d.dim, d.hidden)
         n = m
     return total
+
+
+def unified(model: torch.nn.Module | ViTDims, prune_rate: float, merge_rate: float, start: int = 1) -> Schedule:
+    """Hand-set prune→merge: from block `start` on, prune prune_rate then merge merge_rate of the non-protected tokens."""
+    d = model if isinstance(model, ViTDims) else vit_dims(model)
+    if not (0 <= prune_rate < 1 and 0 <= merge_rate < 1):
+        raise ScheduleError(f"rates must be in [0, 1), got prune_rate={prune_rate}, merge_rate={merge_rate}")
+    prune, merge, n = [], [], d.tokens
+    for i in range(d.depth):
+        if i >= start:
+            n = max(d.prefix + round((n - d.prefix) * (1 - prune_rate)), d.min_tokens + 1)
+        prune.append(n)
+        if i >= start:
+            n = max(d.prefix + round((n - d.prefix) * (1 - merge_rate)), d.min_tokens + 1)
+        merge.append(min(n, prune[-1]))
+        n = merge[-1]
+    return Schedule(prune, merge, {"kind": "unified", "prune_rate": prune_rate, "merge_rate": merge_rate, "start": start})
+
+
+def at_macs(model: torch.nn.Module, kind: str, fraction: float, **kw: Any) -> Schedule:
+    """The ToMe / EViT / unified schedule whose MACs are closest to fraction·full MACs (r, keep or rates fitted)."""
+    full = macs(model)
+    target = fraction * full
+    if kind == "tome":
+        cands = [Schedule.tome(model, r / 8) for r in range(0, 8 * vit_dims(model).tokens)]
+    elif kind in ("evit", "unified"):
+        grid = [i / 400 for i in range(1, 400)]
+        if kind == "evit":
+            cands = [Schedule.evit(model, keep=1 - g, **kw) for g in grid]
+        else:
+            ratio = kw.pop("prune_share", 0.5)
+            cands = [unified(model, g * 2 * ratio, g * 2 * (1 - ratio), **kw) for g in grid if max(ratio, 1 - ratio) * 2 * g < 1]
+    else:
+        raise ScheduleError(f"kind must be 'tome', 'evit' or 'unified', got {kind!r}")
+    best = min(cands, key=lambda s: abs(macs(model, s) - target))
+    if abs(macs(model, best) - target) > 0.02 * full:
+        raise ScheduleError(f"no {kind} schedule comes within 2% of {fraction:.0%} MACs (closest "
+                            f"{macs(model, best) / full:.1%}); choose a budget this family can reach")
+    return best

@@ -1,0 +1,357 @@
+"""Head modularization, part 2: physical head pruning with folded gates, class modules, composition, metrics.
+
+Re-exported by `tcl.heads` (import that). A class module is the reference backbone with only the heads chosen
+for class c (per-block head counts may differ), the trained gates folded into `proj`, and a c-vs-rest output.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Literal, Sequence
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.data import Dataset
+
+from .heads import (SCORERS, GatedAttention, HeadsError, ResetConfig, Target, attend, attentions, balanced_indices,
+                    check_keep, check_target, gates, head_importance, insert_gates, keep_mask, log_odds, num_heads,
+                    reset_train, tensors)
+from .schedule import vit_dims
+
+Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+
+
+# ---- step 4: physical pruning ---------------------------------------------------------------------------------
+def _linear(src: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+            col_scale: torch.Tensor | None = None) -> nn.Linear:
+    w = src.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    out = nn.Linear.__new__(nn.Linear)  # no init: the weights are copied (and may have 0 columns)
+    nn.Module.__init__(out)
+    out.in_features, out.out_features = w.shape[1], w.shape[0]
+    out.weight = nn.Parameter(w * col_scale.to(w.dtype) if col_scale is not None else w.clone(), requires_grad=False)
+    b = None if src.bias is None else src.bias.detach()[rows] if rows is not None else src.bias.detach().clone()
+    out.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+    return out
+
+
+class PrunedAttention(nn.Module):
+    """timm Attention restricted to the kept heads, with its own `num_heads` (may differ per block, may be 0).
+
+    Changes vs timm: qkv keeps the kept heads' rows, proj their columns (scaled by the folded gates), timm's sigmoid
+    `gate` their rows; with 0 heads nothing is computed and the branch returns proj's bias (= all gates at 0).
+    """
+
+    def __init__(self, attn: nn.Module, keep: torch.Tensor, head_gates: torch.Tensor | None = None):
+        super().__init__()
+        kept = keep.bool().nonzero().squeeze(1)
+        d = attn.head_dim
+        cols = (kept[:, None] * d + torch.arange(d)).flatten()
+        g = head_gates[kept].detach().repeat_interleave(d) if head_gates is not None else None
+        self.num_heads, self.head_dim, self.attn_dim = len(kept), d, len(kept) * d
+        self.scale, self.fused_attn = attn.scale, attn.fused_attn
+        self.kept_heads: list[int] = kept.tolist()
+        self.qkv = _linear(attn.qkv, rows=torch.cat([cols + i * attn.attn_dim for i in range(3)]))
+        self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
+        self.gate = _linear(attn.gate, rows=cols) if attn.gate is not None else None
+        self.proj = _linear(attn.proj, cols=cols, col_scale=g)
+        self.attn_drop, self.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.num_heads == 0:
+            return self.proj_drop(self.proj(x.new_zeros(b, n, 0)))
+        sig = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = attend(self.q_norm(q), self.k_norm(k), v, self, attn_mask, is_causal).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(x * sig if sig is not None else x))
+
+
+def prune_heads(model: VisionTransformer, mask: torch.Tensor, head_gates: torch.Tensor | None = None) -> VisionTransformer:
+    """A copy of model keeping only the heads in mask (bool [blocks, heads]); gates (default: the model's own, else 1)
+    folded into proj. Equals the gated model with gates * mask."""
+    attns = attentions(model)
+    shape = (len(attns), attns[0].num_heads)
+    if tuple(mask.shape) != shape:
+        raise HeadsError(f"head mask has shape {tuple(mask.shape)}, expected [blocks, heads] = {list(shape)}")
+    if head_gates is None and isinstance(attns[0], GatedAttention):
+        head_gates = gates(model)
+    new = copy.deepcopy(model)
+    for i, blk in enumerate(new.blocks):
+        blk.attn = PrunedAttention(blk.attn, mask[i], None if head_gates is None else head_gates[i])
+    return new.eval()
+
+
+def _backbone(model: nn.Module) -> VisionTransformer:
+    return model.backbone if isinstance(model, (ClassModule, RestrictedClassifier)) else model  # type: ignore[return-value]
+
+
+def head_counts(model: nn.Module) -> list[int]:
+    """Heads per block of a plain, gated or pruned ViT (or a class module's backbone)."""
+    return [int(blk.attn.num_heads) for blk in _backbone(model).blocks]
+
+
+def head_macs(model: nn.Module) -> int:
+    """Analytic MACs per image (DiffRate convention) with per-block head counts: qkv 3NCa, attention 2N^2a, proj NaC
+    (+ NCa for timm's sigmoid gate), a = heads * head_dim; equals schedule.macs for the unpruned model."""
+    if isinstance(model, ComposedClassifier):
+        return sum(head_macs(m) for m in model.parts)
+    vit = _backbone(model)
+    d = vit_dims(vit)
+    total = d.patch_macs + d.dim * d.classes
+    for blk in vit.blocks:
+        a, n = blk.attn.num_heads * blk.attn.head_dim, d.tokens
+        total += 4 * n * d.dim * a + 2 * n * n * a + 2 * n * d.dim * blk.mlp.fc1.out_features
+        total += n * d.dim * a if getattr(blk.attn, "gate", None) is not None else 0
+    return total
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of parameters (head gates excluded, they fold away)."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("head_gate"))
+
+
+# ---- class modules --------------------------------------------------------------------------------------------
+class ClassModule(nn.Module):
+    """A head-pruned backbone scoring `target` vs the rest. forward -> [B, 2] = (logsumexp of the other classes'
+    logits, logsumexp of the target's): its softmax is the backbone's (1 - p, p); score() is their difference."""
+
+    def __init__(self, backbone: VisionTransformer, target: tuple[int, ...], mask: torch.Tensor,
+                 info: dict[str, Any] | None = None):
+        super().__init__()
+        self.backbone, self.target, self.mask, self.info = backbone, target, mask.bool(), dict(info or {})
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-odds z = log p(target) / p(rest) under the pruned backbone's softmax."""
+        return log_odds(self.backbone(x), self.target)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.backbone(x)
+        pos = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
+        pos[list(self.target)] = True
+        return torch.stack([z[:, ~pos].logsumexp(-1), z[:, pos].logsumexp(-1)], -1)
+
+
+def extract_module(model: VisionTransformer, target: Target, mask: torch.Tensor, head_gates: torch.Tensor | None = None,
+                   info: dict[str, Any] | None = None) -> ClassModule:
+    """The class module for target: heads outside mask physically removed, gates folded, c-vs-rest output."""
+    tgt = check_target(model, target)
+    return ClassModule(prune_heads(model, mask, head_gates), tgt, mask, {"target": tgt, **(info or {})})
+
+
+def random_mask(shape: tuple[int, int], keep: int, seed: int = 0, allow_empty_blocks: bool = False) -> torch.Tensor:
+    """A random bool [blocks, heads] mask with `keep` heads (>= 1 per block unless allow_empty_blocks)."""
+    scores = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    return keep_mask(scores, keep, allow_empty_blocks)
+
+
+Method = Literal["reset", "taylor", "fisher", "michel", "hessian", "random"]
+
+
+def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: int, method: Method = "reset",
+                    cfg: ResetConfig | None = None, retrain: bool = True, per_side: int | None = None,
+                    allow_empty_blocks: bool = False, seed: int = 0, progress: bool = True) -> ClassModule:
+    """Build the class module for target with `keep` heads from `data` (the held-out split): 'reset' = gradient-reset
+    gate training; a scorer = its top heads (then, if retrain, gate training with that mask fixed); or 'random'."""
+    tgt = check_target(model, target)
+    shape = num_heads(model)
+    check_keep(shape, keep, allow_empty_blocks)
+    if method not in ("reset", "random", *SCORERS):
+        raise HeadsError(f"method must be 'reset', 'random' or one of {SCORERS}, got {method!r}")
+    t0 = time.perf_counter()
+    x, y = tensors(data)
+    idx = balanced_indices(y, tgt, per_side, seed)
+    sub = (x[idx], y[idx])
+    work = insert_gates(copy.deepcopy(model))
+    info: dict[str, Any] = {"method": method, "keep": keep}
+    if method == "reset":
+        out = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, progress=progress)
+        mask, info["importance"], info["history"] = out["mask"], out["gates"].abs(), out["history"]
+    else:
+        if method == "random":
+            mask = random_mask(shape, keep, seed, allow_empty_blocks)
+        else:
+            info["importance"] = head_importance(work, sub, [tgt], [method], seed=seed, progress=progress)[method][0]
+            mask = keep_mask(info["importance"], keep, allow_empty_blocks)
+        if retrain and method != "random":
+            info["history"] = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, fixed_mask=mask,
+                                          progress=progress)["history"]
+    info["gates"] = gates(work) * mask
+    info["seconds"] = time.perf_counter() - t0
+    return extract_module(work, tgt, mask, info["gates"], info)
+
+
+def class_importance(model: VisionTransformer, data: Data, classes: Sequence[int] | None = None, method: str = "fisher",
+                     keep: int | None = None, cfg: ResetConfig | None = None, per_side: int | None = None,
+                     progress: bool = True, **kw: Any) -> torch.Tensor:
+    """Head importance of every class vs the rest as a [classes, blocks, heads] tensor: a scorer of head_importance
+    (one shared forward per batch), or 'gate' = |gates| after gradient-reset training to `keep` heads (default half)."""
+    classes = list(range(model.num_classes)) if classes is None else list(classes)
+    if method != "gate":
+        if method not in SCORERS:
+            raise HeadsError(f"method must be 'gate' or one of {SCORERS}, got {method!r}")
+        return head_importance(insert_gates(copy.deepcopy(model)), data, classes, [method], progress=progress, **kw)[method]
+    shape = num_heads(model)
+    keep = keep if keep is not None else shape[0] * shape[1] // 2
+    return torch.stack([decompose_class(model, data, c, keep, "reset", cfg, per_side=per_side, progress=progress,
+                                        **kw).info["importance"] for c in classes])
+
+
+# ---- step 5: composition --------------------------------------------------------------------------------------
+class ComposedClassifier(nn.Module):
+    """Classifier over the modules' classes S: each module's log-odds, calibrated as (z - shift) / scale; argmax is
+    an index into `classes`. Modules run independently (MACs add up); nothing is trained."""
+
+    def __init__(self, parts: Sequence[ClassModule], shift: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.classes = [m.target[0] for m in parts]
+        self.register_buffer("shift", shift.float())
+        self.register_buffer("scale", scale.float())
+        self.pretrained_cfg = getattr(parts[0], "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.stack([m.score(x) for m in self.parts], -1) - self.shift) / self.scale
+
+
+@torch.inference_mode()
+def scores(model: nn.Module, data: Data, limit: int | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) of model over data; a ClassModule gives its log-odds score instead of 2 logits."""
+    x, y = tensors(data, limit)
+    model.eval()
+    f = model.score if isinstance(model, ClassModule) else model
+    return torch.cat([f(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)]), y
+
+
+def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration: Literal["none", "standardize"] = "standardize",
+            limit: int | None = None) -> ComposedClassifier:
+    """Combine single-class modules into a classifier over their classes; 'standardize' = per-module mean/std of the
+    log-odds over the images of data (held-out split) whose label is one of the classes."""
+    if not parts or any(len(m.target) != 1 for m in parts) or len({m.target for m in parts}) != len(parts):
+        raise HeadsError("compose needs one single-class module per class (distinct targets)")
+    n = len(parts)
+    shift, scale = torch.zeros(n), torch.ones(n)
+    if calibration == "standardize":
+        if data is None:
+            raise HeadsError("calibration='standardize' needs data (the held-out split); pass data= or calibration='none'")
+        x, y = tensors(data, limit)
+        sel = torch.isin(y, torch.tensor([m.target[0] for m in parts]))
+        z = torch.stack([scores(m, (x[sel], y[sel]))[0] for m in parts], -1)
+        shift, scale = z.mean(0), z.std(0).clamp_min(1e-6)
+    elif calibration != "none":
+        raise HeadsError(f"calibration must be 'none' or 'standardize', got {calibration!r}")
+    return ComposedClassifier(parts, shift, scale)
+
+
+class RestrictedClassifier(nn.Module):
+    """A backbone whose output is restricted to the logits of `classes` (argmax = index into classes)."""
+
+    def __init__(self, backbone: VisionTransformer, classes: Sequence[int]):
+        super().__init__()
+        self.backbone, self.classes = backbone, list(classes)
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)[:, self.classes]
+
+
+def union_classifier(model: VisionTransformer, parts: Sequence[ClassModule], classes: Sequence[int] | None = None,
+                     head_gates: torch.Tensor | None = None) -> RestrictedClassifier:
+    """One backbone keeping the union of the modules' heads (original weights unless head_gates), logits of classes."""
+    classes = list(classes) if classes is not None else sorted({c for m in parts for c in m.target})
+    for c in classes:
+        check_target(model, c)
+    mask = torch.stack([m.mask for m in parts]).any(0)
+    return RestrictedClassifier(prune_heads(model, mask, head_gates), classes)
+
+
+def restricted(model: VisionTransformer, classes: Sequence[int]) -> RestrictedClassifier:
+    """The original model with its logits restricted to classes (the reference for composed classifiers)."""
+    return RestrictedClassifier(model, classes)
+
+
+def subset_accuracy(clf: ComposedClassifier | RestrictedClassifier, data: Data, limit: int | None = None) -> float:
+    """Top-1 accuracy of a classifier over classes S on the images of data whose label is in S."""
+    x, y = tensors(data, limit)
+    cls = torch.tensor(clf.classes)
+    sel = torch.isin(y, cls)
+    out, _ = scores(clf, (x[sel], y[sel]))
+    return (cls[out.argmax(-1)] == y[sel]).float().mean().item()
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+def binary_metrics(pred: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Balanced accuracy, F1, TPR, TNR and precision of bool predictions against bool truth."""
+    tp = int((pred & truth).sum())
+    fp, fn, tn = int((pred & ~truth).sum()), int((~pred & truth).sum()), int((~pred & ~truth).sum())
+    tpr, tnr = tp / max(tp + fn, 1), tn / max(tn + fp, 1)
+    prec = tp / max(tp + fp, 1)
+    return {"balanced_accuracy": (tpr + tnr) / 2, "f1": 2 * tp / max(2 * tp + fp + fn, 1), "tpr": tpr, "tnr": tnr,
+            "precision": prec}
+
+
+def auc(score: torch.Tensor, truth: torch.Tensor) -> float:
+    """Area under the ROC curve of real scores against bool truth (ties count half): threshold-free separability."""
+    pos, neg = score[truth].double(), score[~truth].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    neg = neg.sort().values
+    below = torch.searchsorted(neg, pos, right=False).double()
+    ties = torch.searchsorted(neg, pos, right=True).double() - below
+    return float((below + ties / 2).sum() / (len(pos) * len(neg)))
+
+
+def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data: Data, limit: int | None = None) -> dict[str, Any]:
+    """A flat record: module vs the reference model mapped to c-vs-rest (same log-odds head) on the same images of
+    data (the test split when reporting): balanced accuracy, F1, agreement, heads, params, MACs."""
+    z, y = scores(module, data, limit)
+    ref = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit)[0]
+    ref_vit = None if isinstance(reference, torch.Tensor) else reference
+    zr = log_odds(ref, module.target)
+    truth = torch.isin(y, torch.tensor(module.target))
+    m, r = binary_metrics(z > 0, truth), binary_metrics(zr > 0, truth)
+    rec: dict[str, Any] = {"target": list(module.target), "method": module.info.get("method"),
+                           "heads_kept": int(module.mask.sum()), "heads_total": module.mask.numel(),
+                           "params": param_count(module), "macs": head_macs(module),
+                           "agreement": ((z > 0) == (zr > 0)).float().mean().item(),
+                           "seconds": module.info.get("seconds")}
+    rec.update({f"module_{k}": v for k, v in {**m, "auc": auc(z, truth)}.items()})
+    rec.update({f"original_{k}": v for k, v in {**r, "auc": auc(zr, truth)}.items()})
+    if ref_vit is not None:
+        rec.update({"original_params": param_count(ref_vit), "original_macs": head_macs(ref_vit)})
+    return rec
+
+
+def jaccard(masks: torch.Tensor) -> torch.Tensor:
+    """Pairwise Jaccard overlap [k, k] of k head sets given as bool [k, blocks, heads] masks."""
+    m = masks.flatten(1).float()
+    inter = m @ m.T
+    union = m.sum(1, keepdim=True) + m.sum(1) - inter
+    return inter / union.clamp_min(1)
+
+
+def search_keep(model: VisionTransformer, fit: Data, val: Data, target: Target, keeps: Sequence[int],
+                method: Method = "reset", tolerance: float = 0.01, cfg: ResetConfig | None = None,
+                progress: bool = True, **kw: Any) -> tuple[ClassModule | None, list[dict[str, Any]]]:
+    """Smallest keep in `keeps` (tried in decreasing order, stop at the first miss) whose module's balanced accuracy on
+    val is within tolerance of the original's on val; returns (that module or None, one record per keep tried)."""
+    ref = scores(model, val)[0]
+    best, recs = None, []
+    for keep in sorted(set(keeps), reverse=True):
+        mod = decompose_class(model, fit, target, keep, method, cfg, progress=progress, **kw)
+        rec = module_report(mod, ref, val)
+        rec["ok"] = rec["module_balanced_accuracy"] >= rec["original_balanced_accuracy"] - tolerance
+        recs.append(rec)
+        if not rec["ok"]:
+            break
+        best = mod
+    return best, recs
+
+
+__all__ = ["PrunedAttention", "prune_heads", "head_counts", "head_macs", "param_count", "ClassModule", "extract_module",
+           "random_mask", "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
+           "union_classifier", "restricted", "subset_accuracy", "binary_metrics", "auc", "module_report", "jaccard",
+           "search_keep"]

@@ -1,0 +1,270 @@
+"""timm surgery: swap the classes of a live timm VisionTransformer (ToMe style) so that every block prunes and
+merges tokens between its attention and its MLP following a Schedule; fused attention is kept.
+
+Token importance is the attention row of the class token(s) (CLS, and DeiT's distillation token averaged in),
+softmax(q_cls K^T scale + log size), averaged over heads; it is computed on its own ([B, H, N], never the N x N
+map) and only in blocks that remove tokens. Models without a class token (global average pooling, registers
+only) use a cheap proxy instead: the attention row of the size-weighted mean query.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from . import tokens
+from .schedule import Schedule, ScheduleError, vit_dims
+
+MergeKind = Literal["attention", "bipartite"]
+Similarity = Literal["keys", "features"]
+Order = Literal["prune_merge", "merge_prune"]
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """How a patched model reduces tokens (see `patch`), plus what it read off the model."""
+
+    merge: MergeKind
+    fuse: bool
+    prop_attn: bool
+    similarity: Similarity
+    order: Order
+    trace_source: bool
+    prefix: int  # protected tokens: class, distillation, registers
+    readers: int  # class tokens whose attention row ranks the others (0: mean-query proxy)
+
+
+def _steps(cfg: PatchConfig, n_in: int, p: int, m: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The block's two steps with the token count each keeps, in the configured order."""
+    if cfg.order == "prune_merge":
+        return ("prune", p), ("merge", m)
+    return ("merge", n_in - (p - m)), ("prune", m)
+
+
+def _head_sum(k: Tensor) -> Tensor:
+    """Keys summed over heads [B, N, head_dim] (the head mean up to scale, so the same cosine similarities)."""
+    out = k[:, 0].clone()
+    for h in range(1, k.shape[1]):  # H strided adds beat one reduction over the strided head axis
+        out += k[:, h]
+    return out
+
+
+class TclAttention(Attention):
+    """timm Attention plus `forward_tcl`, which is timm's forward with log(size) added to the logits as a float
+    mask of the same fused attention (proportional attention), also returning the class-token attention row and
+    the head-summed keys when asked; `forward` itself is timm's, unchanged."""
+
+    def forward_tcl(self, x: Tensor, size: Tensor | None, readers: int, want_cls: bool,
+                    want_keys: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(output, class attention [B, H, N] or None, head-summed keys [B, N, head_dim] or None)."""
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None if size is None else tokens.size_bias(size).to(q.dtype)
+        if self.fused_attn:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = attn if bias is None else attn + bias
+            o = self.attn_drop(attn.softmax(dim=-1)) @ v
+        cls = tokens.cls_attention(q, k, self.scale, readers, size) if want_cls else None
+        keys = _head_sum(k) if want_keys else None
+        o = self.norm(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(self.proj(o)), cls, keys
+
+
+class TclBlock(Block):
+    """timm Block that reduces tokens between attention and MLP: x = x + attn(x); prune to schedule.prune[i];
+    merge to schedule.merge[i] (or merge first with order='merge_prune'); x = x + mlp(x). Sizes and sources live
+    in the model's shared `_tcl_info`; attention is proportional (log size) once tokens were merged."""
+
+    _tcl_info: dict[str, Any]
+    _tcl_step: tuple[int, int, int, int]  # block index, incoming, after prune, after merge
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """The block's forward with its schedule step between attention and MLP."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a tcl-patched ViT reduces tokens, so attention masks do not apply; call tcl.unpatch first")
+        info, (i, n_in, p, m) = self._tcl_info, self._tcl_step
+        cfg: PatchConfig = info["config"]
+        if x.shape[1] != n_in:
+            raise ScheduleError(f"block {i} expects {n_in} tokens from its schedule but got {x.shape[1]}; patch with a "
+                                "schedule built for this input size (e.g. tcl.Schedule.full(model))")
+        if cfg.trace_source and info["source"] is None:
+            info["source"] = tokens.init_source(x.shape[0], n_in, x.device, x.dtype)
+        prunes, merges = p < n_in, m < p
+        want_cls = prunes or (merges and cfg.merge == "attention")
+        want_keys = merges and cfg.similarity == "keys"
+        y, cls, keys = self.attn.forward_tcl(self.norm1(x), info["size"] if cfg.prop_attn else None, cfg.readers,
+                                             want_cls, want_keys)
+        x = x + self.drop_path1(self.ls1(y))
+        if prunes or merges:
+            x = self._reduce(x, None if cls is None else cls.mean(dim=1), keys, cfg, info)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def _reduce(self, x: Tensor, imp: Tensor | None, keys: Tensor | None, cfg: PatchConfig,
+                info: dict[str, Any]) -> Tensor:
+        """Run the block's prune and merge steps on x, sizes and sources; importances and keys follow along."""
+        size, source = info["size"], info["source"]
+        _, n_in, p, m = self._tcl_step
+        steps: tuple[tuple[str, int], ...] = _steps(cfg, n_in, p, m)
+        if cfg.merge == "attention" and cfg.order == "prune_merge" and not cfg.fuse:
+            steps = (("prune_merge", m),)  # both steps from one ranking: the same result, one gather
+        for j, (kind, keep) in enumerate(steps):
+            n = x.shape[1]
+            if keep >= n:
+                continue
+            assert imp is not None or kind == "merge"
+            f: tokens.Reduce
+            metric = x if keys is None else keys
+            if kind == "prune_merge":
+                f = tokens.prune_merge(imp, metric, p, m, cfg.prefix)
+            elif kind == "prune":
+                f = tokens.prune(imp, keep, cfg.prefix, cfg.fuse)
+            elif cfg.merge == "attention":
+                f = tokens.attention_merge(imp, metric, keep, cfg.prefix)
+            else:
+                f = tokens.bipartite_merge(metric, n - keep, cfg.prefix)
+            if kind == "merge" or (kind == "prune_merge" and m < p):
+                x, size = tokens.merge_wavg(f, x, size)
+            else:  # a prune; with fuse, the fused token is the attention-weighted mean of the pruned ones
+                if size is not None or cfg.fuse:
+                    size = f(torch.ones_like(x[..., :1]) if size is None else size)
+                x = f(x, imp.unsqueeze(-1).clamp_min(torch.finfo(imp.dtype).tiny) if cfg.fuse else None)
+            if source is not None:
+                source = f(source)
+            if j + 1 < len(steps) and steps[j + 1][1] < keep:  # the next step ranks / matches the reduced tokens
+                imp = None if imp is None else f(imp)
+                keys = None if keys is None else f(keys)
+        info["size"], info["source"] = size, source
+        return x
+
+
+_VIT_CLASSES: dict[type, type] = {}
+
+
+def _patched_vit_class(base: type) -> type:
+    """The subclass of a VisionTransformer class that resets token state per forward and pools by size."""
+    if base in _VIT_CLASSES:
+        return _VIT_CLASSES[base]
+
+    class TclVisionTransformer(base):  # type: ignore[valid-type, misc]
+        """The model's own class, except that forward_features first resets the per-forward token state (sizes,
+        sources) and pool makes 'avg' / 'avgmax' pooling size-weighted ('map' attention pooling ignores sizes)."""
+
+        def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            """Reset sizes / sources, then the base forward_features."""
+            self._tcl_info.update(size=None, source=None)
+            return super().forward_features(x, *args, **kwargs)
+
+        def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+            """Base pooling, with average pooling weighted by token sizes."""
+            size, pool_type = self._tcl_info["size"], self.global_pool if pool_type is None else pool_type
+            if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+                return super().pool(x, pool_type)
+            if not self.pool_include_prefix:
+                x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+            mean = (x * size).sum(dim=1) / size.sum(dim=1)
+            return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)
+
+    TclVisionTransformer.__name__ = TclVisionTransformer.__qualname__ = "Tcl" + base.__name__
+    _VIT_CLASSES[base] = TclVisionTransformer
+    return TclVisionTransformer
+
+
+def _check_steps(s: Schedule, cfg: PatchConfig, tokens_in: int) -> None:
+    """Raise ScheduleError for a merge step the chosen merge cannot do."""
+    n = tokens_in
+    for i, (p, m) in enumerate(zip(s.prune, s.merge)):
+        for kind, keep in _steps(cfg, n, p, m):
+            before = p if (kind, cfg.order) == ("merge", "prune_merge") else n
+            if kind != "merge" or keep >= before:
+                continue
+            if cfg.merge == "bipartite" and before - keep > (before - cfg.prefix) // 2:
+                raise ScheduleError(f"block {i}: bipartite merging removes at most half of the {before - cfg.prefix} "
+                                    f"non-protected tokens, the schedule asks for {before - keep}; use "
+                                    "merge='attention' or a schedule with fewer merges (Schedule.tome clips r)")
+            if cfg.merge == "attention" and keep <= cfg.prefix:
+                raise ScheduleError(f"block {i}: merging down to the {cfg.prefix} protected tokens leaves no "
+                                    f"destination; keep at least {cfg.prefix + 1} tokens after a merge")
+        n = m
+
+
+def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention", fuse: bool = False,
+          prop_attn: bool = True, similarity: Similarity = "keys", order: Order = "prune_merge",
+          trace_source: bool = False) -> nn.Module:
+    """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it."""
+    for name, value, allowed in (("merge", merge, ("attention", "bipartite")), ("similarity", similarity,
+                                 ("keys", "features")), ("order", order, ("prune_merge", "merge_prune"))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}")
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"tcl.patch needs a timm VisionTransformer, got {type(model).__name__}; build it with "
+                        "tcl.models.create(name) / tcl.models.reference() or timm.models.vision_transformer")
+    if not isinstance(schedule, Schedule):
+        raise ScheduleError(f"expected a tcl.Schedule, got {type(schedule).__name__}; build one with tcl.Schedule(...)")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in (Block, TclBlock) or type(blk.attn) not in (Attention, TclAttention):
+            raise TypeError(f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; tcl.patch supports "
+                            "timm's standard Block and Attention (pre-norm ViT/DeiT), not parallel/post-norm/RoPE blocks")
+    unpatch(model)
+    dims = vit_dims(model)
+    schedule.check(dims)
+    cfg = PatchConfig(merge, fuse, prop_attn, similarity, order, trace_source, dims.prefix,
+                      dims.prefix - getattr(model, "num_reg_tokens", 0))
+    _check_steps(schedule, cfg, dims.tokens)
+    info: dict[str, Any] = {"schedule": schedule, "config": cfg, "size": None, "source": None,
+                            "vit_class": type(model)}
+    model.__class__ = _patched_vit_class(type(model))
+    model._tcl_info = info
+    n = dims.tokens
+    for i, (blk, p, m) in enumerate(zip(model.blocks, schedule.prune, schedule.merge)):
+        blk.__class__, blk.attn.__class__ = TclBlock, TclAttention
+        blk._tcl_info, blk._tcl_step = info, (i, n, p, m)
+        n = m
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo tcl.patch in place (a no-op on an unpatched model); returns the model."""
+    info = getattr(model, "_tcl_info", None)
+    if info is None:
+        return model
+    model.__class__ = info["vit_class"]
+    del model._tcl_info
+    for blk in model.blocks:
+        blk.__class__, blk.attn.__class__ = Block, Attention
+        del blk._tcl_info, blk._tcl_step
+    return model
+
+
+def extra_macs(model: nn.Module) -> int:
+    """Matmul MACs per image a patched model adds to tcl.macs: class-attention rows and merge similarities."""
+    info = getattr(model, "_tcl_info", None)
+    if info is None:
+        raise ValueError("the model is not patched; call tcl.patch(model, schedule) first")
+    cfg: PatchConfig = info["config"]
+    attn = model.blocks[0].attn
+    qk_dim, metric_dim = attn.num_heads * attn.head_dim, attn.head_dim if cfg.similarity == "keys" else model.embed_dim
+    total, n = 0, vit_dims(model).tokens
+    for p, m in zip(info["schedule"].prune, info["schedule"].merge):
+        if p < n or (m < p and cfg.merge == "attention"):
+            total += max(cfg.readers, 1) * n * qk_dim  # the class-attention row(s) over n keys
+        if m < p:
+            before = p if cfg.order == "prune_merge" else n
+            other = before - cfg.prefix
+            pairs = ((p - m) * (other - (p - m)) if cfg.merge == "attention"
+                     else math.ceil(other / 2) * (other // 2))
+            total += pairs * metric_dim
+        n = m
+    return total

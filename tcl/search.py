@@ -1,0 +1,613 @@
+"""Compression-rate search: random and evolutionary candidates, successive evaluation, resumable JSONL log, torch.distributed.
+
+Stage "subset": every candidate is scored on the first `subset` images of the held-out split (default score: KL to
+the uncompressed model's cached predictions). Stage "full": the `topk` best per MACs bin are re-scored on the whole
+split, and the best per bin (by `select_by`) forms the LookupTable. Run `python -m tcl.search --help`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
+from .table import BudgetError, LookupTable, TableError, model_info, sort_key
+from .utils import write_json
+
+__all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
+           "search", "sample_schedule", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
+           "read_log", "init_distributed", "main"]
+
+
+class SearchError(RuntimeError):
+    """Raised for a search that cannot run or resume as asked."""
+
+
+# ---- search space ---------------------------------------------------------------------------------------------
+def _counts(d: ViTDims, rates: Sequence[float], max_merge: float) -> tuple[list[int], list[int]]:
+    """Kept counts when step k (prune_0, merge_0, prune_1, ...) removes rates[k] of the non-protected tokens.
+
+    A merge removes at most floor(max_merge * non-protected) tokens and keeps a non-protected destination.
+    """
+    prune, merge, n = [], [], d.tokens
+    for k, r in enumerate(rates):
+        free = n - d.prefix
+        drop = math.floor(min(max(r, 0.0), 1.0) * free + 0.5)
+        if k % 2:
+            drop = min(drop, math.floor(max_merge * free), free - 1) if free > 1 else 0
+        n = max(n - drop, d.min_tokens)
+        (merge if k % 2 else prune).append(n)
+    return prune, merge
+
+
+@functools.lru_cache(maxsize=64)
+def _fixed_macs(d: ViTDims) -> int:
+    """The schedule-independent part of tcl.macs (patch embedding, head)."""
+    return macs(d) - d.depth * block_macs(d.tokens, d.tokens, d.dim, d.hidden)
+
+
+def _macs(d: ViTDims, merge: Sequence[int]) -> int:
+    """tcl.macs(d, schedule) from the merge counts alone (fast, no validation)."""
+    total, n = _fixed_macs(d), d.tokens
+    for m in merge:
+        total += block_macs(n, m, d.dim, d.hidden)
+        n = m
+    return total
+
+
+def rates_of(d: ViTDims, s: Schedule) -> list[float]:
+    """Per-step removal rates [prune_0, merge_0, prune_1, ...] as fractions of the non-protected incoming tokens."""
+    out, n = [], d.tokens
+    for p, m in zip(s.prune, s.merge):
+        for kept in (p, m):
+            out.append((n - kept) / (n - d.prefix) if n > d.prefix else 0.0)
+            n = kept
+    return out
+
+
+def fit_rates(d: ViTDims, shape: Sequence[float], target_macs: float, max_merge: float = 1.0,
+              meta: dict[str, Any] | None = None) -> Schedule:
+    """Scale removal rates alpha*shape (clipped to [0,1]) so the schedule's MACs come closest to target_macs."""
+    shape = [max(float(r), 0.0) for r in shape]
+    full = Schedule(*_counts(d, [0.0] * len(shape), max_merge), meta)
+    if not any(shape) or _macs(d, full.merge) <= target_macs:
+        return full
+
+    def at(alpha: float) -> tuple[int, Schedule]:
+        s = Schedule(*_counts(d, [alpha * r for r in shape], max_merge), meta)
+        return _macs(d, s.merge), s
+
+    lo, hi = 0.0, 1.0 / min(r for r in shape if r > 0)  # at hi every step removes all it may
+    if at(hi)[0] > target_macs:
+        return at(hi)[1]
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid)[0] > target_macs else (lo, mid)
+    (m_lo, s_lo), (m_hi, s_hi) = at(lo), at(hi)
+    return s_lo if abs(m_lo - target_macs) < abs(m_hi - target_macs) else s_hi
+
+
+def sample_schedule(d: ViTDims, seed: int, index: int, min_fraction: float = 0.25, max_fraction: float = 1.0,
+                    max_merge: float = 1.0) -> Schedule:
+    """Random candidate `index`: per-block prune and merge rates, each sorted to grow with depth, fit to a random MACs level.
+
+    Draws a target MACs fraction t ~ U(min_fraction, max_fraction), a first compressed block among those that can
+    still reach t, a prune/merge mix w ~ U(0,1), prune rates w*sort(U(0,1)^depth) and merge rates
+    (1-w)*sort(U(0,1)^depth), then scales all rates by one factor so the MACs land nearest t (fit_rates).
+    Deterministic in (seed, index), so shards and resumed runs regenerate the same candidates.
+    """
+    rng = np.random.default_rng([seed, 0, index])
+    full = _macs(d, [d.tokens] * d.depth)
+    t = rng.uniform(min_fraction, max_fraction)
+    reach = [_macs(d, _counts(d, [0.0] * 2 * s + [1.0] * 2 * (d.depth - s), max_merge)[1]) / full
+             for s in range(d.depth)]
+    starts = [s for s in range(d.depth) if reach[s] <= t] or [0]
+    start = int(rng.choice(starts))
+    w = rng.uniform()
+    p, m = np.sort(rng.uniform(size=d.depth)) * w, np.sort(rng.uniform(size=d.depth)) * (1 - w)
+    p[:start] = m[:start] = 0.0
+    return fit_rates(d, np.stack([p, m], 1).reshape(-1).tolist(), t * full, max_merge,
+                     {"kind": "random", "id": index})
+
+
+def mutate_schedule(d: ViTDims, parent: Schedule, rng: np.random.Generator, target_macs: float, sigma: float = 0.15,
+                    max_merge: float = 1.0, meta: dict[str, Any] | None = None) -> Schedule:
+    """Perturb 1-3 of the parent's per-step rates by N(0, sigma), then refit all rates to target_macs."""
+    r = np.array(rates_of(d, parent))
+    idx = rng.choice(len(r), size=int(rng.integers(1, 4)), replace=False)
+    r[idx] = np.clip(r[idx] + rng.normal(0.0, sigma, len(idx)), 0.0, 1.0)
+    return fit_rates(d, r.tolist(), target_macs, max_merge, meta)
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+class Scorer(Protocol):
+    """Scores a schedule on the first n images of a fixed evaluation set; `size` images are available."""
+
+    size: int
+
+    def __call__(self, schedule: Schedule, n: int) -> dict[str, float]: ...
+
+
+Apply = Callable[[torch.nn.Module, Schedule], ContextManager[Any]]
+
+
+def patched(**patch_kwargs: Any) -> Apply:
+    """An Apply that compresses the model with tcl.patch(model, schedule, **patch_kwargs) and unpatches on exit."""
+    mod = importlib.import_module(".patch", __package__)
+
+    @contextlib.contextmanager
+    def apply(model: torch.nn.Module, schedule: Schedule) -> Iterator[torch.nn.Module]:
+        mod.patch(model, schedule, **patch_kwargs)
+        try:
+            yield model
+        finally:
+            mod.unpatch(model)
+
+    return apply
+
+
+def _tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, tuple):
+        return data
+    if hasattr(data, "tensors"):
+        return data.tensors[0], data.tensors[1]  # type: ignore[attr-defined]
+    xs, ys = zip(*(data[i] for i in range(len(data))))  # type: ignore[arg-type]
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+class ReferenceScorer:
+    """Scores compressed models against the uncompressed model's logits, cached once on a fixed (shuffled) dataset.
+
+    Returns kl (mean KL(uncompressed || compressed), lower is better), agree (top-1 agreement with the uncompressed
+    model) and acc (top-1 accuracy). Image order is a seeded permutation, so the first n images are a random subset.
+    For n <= cache_images the inputs of every block are cached too, and a schedule whose first reduction is at
+    block s runs only blocks s.. (checked once against the plain patched forward; off if they disagree).
+    """
+
+    def __init__(self, model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor],
+                 apply: Apply | None = None, batch_size: int = 1000, order_seed: int = 0, cache_images: int = 512,
+                 info: dict[str, Any] | None = None, **patch_kwargs: Any):
+        x, y = _tensors(data)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(order_seed))
+        self.model, self.x, self.y, self.batch_size = model.eval(), x[perm], y[perm], batch_size
+        self.apply = apply if apply is not None else patched(**patch_kwargs)
+        self.size, self.dims = len(x), vit_dims(model)
+        self.info = {"size": self.size, "order_seed": order_seed, "patch": patch_kwargs, **(info or {})}
+        self.full = Schedule.full(model)
+        self.ref, self.cache = self._reference_pass(min(cache_images, self.size))
+        self.ref_logp = F.log_softmax(self.ref, -1)
+        self.reference_scores = self._scores(self.ref, self.size)
+        if self.cache and not self._cache_agrees():
+            self.cache = []
+
+    @torch.inference_mode()
+    def _reference_pass(self, cache_images: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Uncompressed logits of all images, and the input of every block for the first cache_images."""
+        got: list[list[torch.Tensor]] = [[] for _ in self.model.blocks]
+        want = [0]
+        hooks = [blk.register_forward_pre_hook(lambda _m, a, k=k: got[k].append(a[0][:want[0]].clone()) if want[0] else None)
+                 for k, blk in enumerate(self.model.blocks) if k > 0]
+        out = []
+        try:
+            for i in range(0, self.size, self.batch_size):
+                want[0] = max(0, min(cache_images - i, self.batch_size))
+                out.append(self.model(self.x[i:i + self.batch_size]).float())
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat(out), ([torch.empty(0)] + [torch.cat(g) for g in got[1:]] if cache_images else [])
+
+    @torch.inference_mode()
+    def _logits(self, n: int, start: int = 0) -> torch.Tensor:
+        out, m = [], self.model
+        for i in range(0, n, self.batch_size):
+            j = min(i + self.batch_size, n)
+            if start == 0:
+                out.append(m(self.x[i:j]).float())
+                continue
+            m._tcl_info.update(size=None, source=None)  # what the patched forward_features resets first
+            h = self.cache[start][i:j]
+            for blk in m.blocks[start:]:
+                h = blk(h)
+            out.append(m.forward_head(m.norm(h)).float())
+        return torch.cat(out)
+
+    def _start(self, s: Schedule) -> int:
+        """The first block that removes tokens (the ones before it equal the uncompressed model's)."""
+        n = self.dims.tokens
+        for i, (p, m) in enumerate(zip(s.prune, s.merge)):
+            if m < n:
+                return i
+        return len(s)
+
+    def _cache_agrees(self) -> bool:
+        d, k = self.dims, self.dims.depth // 2
+        if k == 0 or d.tokens - d.prefix < 3:
+            return False
+        keep = [d.tokens] * k + [d.tokens - 1] * (d.depth - k)
+        s = Schedule(keep, keep)
+        with self.apply(self.model, s):
+            if getattr(self.model, "_tcl_info", None) is None:
+                return False
+            n = min(8, len(self.cache[k]))
+            return torch.allclose(self._logits(n, k), self._logits(n), atol=1e-4, rtol=1e-4)
+
+    def _scores(self, logits: torch.Tensor, n: int) -> dict[str, float]:
+        logp, ref_logp = F.log_softmax(logits, -1), self.ref_logp[:n]
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+        pred = logits.argmax(-1)
+        return {"kl": kl.item(), "agree": (pred == ref_logp.argmax(-1)).float().mean().item(),
+                "acc": (pred == self.y[:n]).float().mean().item()}
+
+    def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
+        """Scores of the model compressed by schedule on the first n images (all when None)."""
+        n = self.size if n is None else min(n, self.size)
+        start = self._start(schedule)
+        if start == len(schedule):
+            return self._scores(self.ref[:n], n)
+        with self.apply(self.model, schedule):
+            return self._scores(self._logits(n, start if self.cache and n <= len(self.cache[-1]) else 0), n)
+
+
+# ---- search ----------------------------------------------------------------------------------------------------
+@dataclass
+class SearchConfig:
+    """Settings of one search (all of them recorded in the log folder and the table)."""
+
+    method: Literal["random", "evolve"] = "random"
+    candidates: int = 10_000  # candidates scored on the subset (the search's evaluation budget)
+    seed: int = 0
+    subset: int = 256  # images per subset evaluation
+    topk: int = 3  # candidates per MACs bin re-scored on the whole split
+    bin_width: float = 0.01  # MACs bin width, as a fraction of full MACs
+    min_fraction: float = 0.25
+    max_fraction: float = 1.0
+    max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for bipartite merge)
+    rank_by: str = "kl"  # subset score that promotes candidates to the full split
+    select_by: str = "acc"  # full-split score that picks each bin's table entry
+    init: int = 1000  # evolve: random candidates before the first round
+    round_size: int = 250  # evolve: children per round (a sync point when distributed)
+    sigma: float = 0.15  # evolve: std of the rate perturbation
+    elite: int = 3  # evolve: parent drawn from the best `elite` of the target bin
+
+    def __post_init__(self) -> None:
+        if self.method not in ("random", "evolve"):
+            raise SearchError(f"method must be 'random' or 'evolve', got {self.method!r}")
+        if not 0 < self.min_fraction < self.max_fraction <= 1:
+            raise SearchError(f"need 0 < min_fraction < max_fraction <= 1, got {self.min_fraction}, {self.max_fraction}")
+        if self.candidates < 1 or self.subset < 1 or self.topk < 1:
+            raise SearchError("candidates, subset and topk must be >= 1")
+
+
+def _bin(rec: dict[str, Any], full: int, width: float) -> int:
+    return int(rec["macs"] / full / width + 1e-9)
+
+
+def read_log(out_dir: str | os.PathLike) -> dict[tuple[str, int], dict[str, Any]]:
+    """All records of a search folder's log shards (log.*.jsonl), keyed by (stage, id); a truncated last line is skipped."""
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in sorted(Path(out_dir).glob("log.*.jsonl")):
+        lines = path.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:  # unterminated last line: the writer was killed mid-line
+                    continue
+                raise SearchError(f"{path}:{i + 1} is corrupt ({err}); delete that line or start a new out dir") from err
+            records.setdefault((rec["stage"], rec["id"]), rec)
+    return records
+
+
+class _Log:
+    """This rank's append-only JSONL shard: one flushed line per evaluated candidate."""
+
+    def __init__(self, out_dir: Path | None, rank: int):
+        self.f = None
+        if out_dir is not None:
+            path = out_dir / f"log.{rank}.jsonl"
+            if path.exists():  # drop a truncated last line so the next record starts on a fresh line
+                raw = path.read_bytes()
+                if raw and not raw.endswith(b"\n"):
+                    with open(path, "r+b") as f:
+                        f.truncate(raw.rfind(b"\n") + 1)
+            self.f = open(path, "a")
+
+    def append(self, rec: dict[str, Any]) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); return (rank, world)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(new: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
+    if world == 1:
+        return new
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, new)
+    return [r for part in parts for r in part]
+
+
+class _Run:
+    """One search invocation: records, this rank's log shard and the evaluation loop shared by all stages."""
+
+    def __init__(self, dims: ViTDims, scorer: Scorer, cfg: SearchConfig, out_dir: Path | None, progress: bool):
+        self.d, self.scorer, self.cfg, self.out_dir = dims, scorer, cfg, out_dir
+        self.rank, self.world = init_distributed()
+        self.full = _macs(dims, [dims.tokens] * dims.depth)
+        self.records = read_log(out_dir) if out_dir is not None else {}
+        self.log = _Log(out_dir, self.rank)
+        self.progress = progress and self.rank == 0
+        self.evaluated = 0
+
+    def evaluate(self, stage: str, ids: Sequence[int], make: Callable[[int], Schedule], n: int, desc: str) -> None:
+        """Score this rank's share (position % world) of the not-yet-logged ids, then share the new records."""
+        from tqdm.auto import tqdm
+
+        todo = [i for j, i in enumerate(ids) if j % self.world == self.rank and (stage, i) not in self.records]
+        new = []
+        for i in tqdm(todo, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True):
+            s = make(i)
+            rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge),
+                   "schedule": {"prune": list(s.prune), "merge": list(s.merge)}, "scores": self.scorer(s, n)}
+            self.log.append(rec)
+            new.append(rec)
+        self.evaluated += len(new)
+        for rec in _gather(new, self.world):
+            self.records.setdefault((rec["stage"], rec["id"]), rec)
+
+    def stage(self, stage: str, below: int | None = None) -> list[dict[str, Any]]:
+        """Records of one stage (ids < below when given), by id."""
+        return sorted((r for (st, i), r in self.records.items() if st == stage and (below is None or i < below)),
+                      key=lambda r: r["id"])
+
+    def sample(self, i: int) -> Schedule:
+        c = self.cfg
+        return sample_schedule(self.d, c.seed, i, c.min_fraction, c.max_fraction, c.max_merge)
+
+    def children(self, start: int, stop: int, round_: int) -> dict[int, Schedule]:
+        """Evolve round: mutate an elite parent of a random target bin, refit into that bin (deterministic)."""
+        c = self.cfg
+        rng = np.random.default_rng([c.seed, 1, round_])
+        pop = self.stage("subset", below=start)
+        by_bin: dict[int, list[dict[str, Any]]] = {}
+        for r in pop:
+            by_bin.setdefault(_bin(r, self.full, c.bin_width), []).append(r)
+        for rs in by_bin.values():
+            rs.sort(key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))
+        seen = {(tuple(r["schedule"]["prune"]), tuple(r["schedule"]["merge"])) for r in pop}
+        lo, hi = int(c.min_fraction / c.bin_width), max(int(math.ceil(c.max_fraction / c.bin_width)) - 1, 0)
+        out = {}
+        for i in range(start, stop):
+            b = int(rng.integers(lo, hi + 1))
+            near = min(by_bin, key=lambda k: (abs(k - b), k))
+            parent = Schedule.from_dict(by_bin[near][int(rng.integers(0, min(c.elite, len(by_bin[near]))))]["schedule"])
+            for _ in range(10):
+                target = (b + rng.uniform()) * c.bin_width * self.full
+                child = mutate_schedule(self.d, parent, rng, target, c.sigma, c.max_merge, {"kind": "evolve", "id": i})
+                if (child.prune, child.merge) not in seen:
+                    break
+            seen.add((child.prune, child.merge))
+            out[i] = child
+        return out
+
+    def promote(self, subset: list[dict[str, Any]]) -> dict[int, Schedule]:
+        """The topk candidates per MACs bin by rank_by, plus the uncompressed model (id -1), by id."""
+        c, by_bin = self.cfg, {}
+        for r in subset:
+            by_bin.setdefault(_bin(r, self.full, c.bin_width), []).append(r)
+        keep = [r for rs in by_bin.values()
+                for r in sorted(rs, key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))[:c.topk]]
+        full = Schedule([self.d.tokens] * self.d.depth, [self.d.tokens] * self.d.depth, {"kind": "full"})
+        return {-1: full, **{r["id"]: Schedule.from_dict(r["schedule"]) for r in sorted(keep, key=lambda r: r["id"])}}
+
+
+def _settings(cfg: SearchConfig, model: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "candidates"}, "model": model, "data": data}
+
+
+def _check_settings(out_dir: Path, settings: dict[str, Any], rank: int, world: int) -> None:
+    path = out_dir / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        for part in ("config", "model", "data"):
+            for k in sorted(set(old.get(part, {})) | set(settings[part])):
+                if old.get(part, {}).get(k) != settings[part].get(k):
+                    raise SearchError(f"{out_dir} holds a search with {part}.{k} = {old.get(part, {}).get(k)!r}, not "
+                                      f"{settings[part].get(k)!r}; resume with the same settings or pass a new out dir")
+    elif rank == 0:
+        write_json(path, settings)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: SearchConfig,
+                data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> LookupTable:
+    """The LookupTable of full-split records: the best per MACs bin by cfg.select_by."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r["id"]):
+        b = _bin(r, model["macs"], cfg.bin_width)
+        if b not in best or sort_key(cfg.select_by, r["scores"][cfg.select_by]) < sort_key(
+                cfg.select_by, best[b]["scores"][cfg.select_by]):
+            best[b] = r
+    entries = [{"id": r["id"], "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
+                "schedule": r["schedule"]} for r in best.values()]
+    return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)
+
+
+def _invocation(out: Path | None, run: "_Run", t0: float) -> None:
+    if out is not None and run.rank == 0:
+        with open(out / "invocations.jsonl", "a") as f:
+            f.write(json.dumps({"wall_s": time.perf_counter() - t0, "evaluated": run.evaluated, "world": run.world,
+                                "threads": torch.get_num_threads(), "time": time.time()}) + "\n")
+
+
+def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None = None,
+           out_dir: str | os.PathLike | None = None, progress: bool = True) -> LookupTable:
+    """Run (or resume) a search; writes out_dir/log.<rank>.jsonl and out_dir/table.json (rank 0); returns the table."""
+    cfg = config or SearchConfig()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    info, data = model_info(model), dict(getattr(scorer, "info", {}))
+    run = _Run(vit_dims(model), scorer, cfg, out, progress)
+    if out is not None:
+        _check_settings(out, _settings(cfg, info, data), run.rank, run.world)
+    t0 = time.perf_counter()
+    try:
+        n_random = cfg.candidates if cfg.method == "random" else min(cfg.init, cfg.candidates)
+        run.evaluate("subset", range(n_random), run.sample, cfg.subset, "random")
+        for g, start in enumerate(range(n_random, cfg.candidates, cfg.round_size)):
+            kids = run.children(start, min(start + cfg.round_size, cfg.candidates), g)
+            run.evaluate("subset", list(kids), kids.__getitem__, cfg.subset, f"evolve round {g}")
+        top = run.promote(run.stage("subset", below=cfg.candidates))
+        run.evaluate("full", list(top), top.__getitem__, scorer.size, "full split")
+    finally:
+        run.log.close()
+    table = build_table([run.records[("full", i)] for i in top], info, cfg, data,
+                        {"evaluations_subset": len(run.stage("subset", below=cfg.candidates)),
+                         "evaluations_full": len(top)})
+    if out is not None and run.rank == 0:
+        table.save(out / "table.json")
+    _invocation(out, run, t0)
+    return table
+
+
+def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathLike,
+                 budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), evaluations: Sequence[int] = (1000, 10_000),
+                 window: int = 3, progress: bool = True, **overrides: Any) -> list[dict[str, Any]]:
+    """Full-split scores of what a logged search picks at each budget from only its first E subset evaluations.
+
+    For each (E, budget) the `topk` best (by rank_by) of each of the `window` MACs bins just under the budget are
+    scored on the whole split (logged, so resumable) and the best by select_by is reported with its schedule.
+    overrides (e.g. rank_by="agree", topk=1) replace the search's own settings for this selection only.
+    """
+    out = Path(out_dir)
+    if not (out / "settings.json").exists():
+        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
+    cfg = SearchConfig(**{**json.loads((out / "settings.json").read_text())["config"], **overrides})
+    run = _Run(vit_dims(model), scorer, cfg, out, progress)
+    rows, w = [], cfg.bin_width
+    try:
+        for e in evaluations:
+            subset = run.stage("subset", below=e)
+            for b in budgets:
+                top = run.promote([r for r in subset if round(b / w) - window <= _bin(r, run.full, w) < round(b / w)])
+                top.pop(-1)
+                run.evaluate("full", list(top), top.__getitem__, scorer.size, f"E={e} budget={b}")
+                if not top:
+                    raise BudgetError(f"no candidate among the first {e} lies within {window} bins under budget {b}")
+                best = min((run.records[("full", i)] for i in top),
+                           key=lambda r: (sort_key(cfg.select_by, r["scores"][cfg.select_by]), r["id"]))
+                rows.append({"method": cfg.method, "rank_by": cfg.rank_by, "select_by": cfg.select_by,
+                             "evaluations": e, "budget": b, "id": best["id"],
+                             "fraction": best["macs"] / run.full, **best["scores"], "schedule": best["schedule"]})
+    finally:
+        run.log.close()
+    return rows
+
+
+# ---- command line ----------------------------------------------------------------------------------------------
+def _parser() -> Any:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tcl.search", description="Search per-block prune/merge rates and "
+                                 "write a budget -> schedule LookupTable; under torchrun candidates are sharded.")
+    ap.add_argument("--config", help="YAML file of the options below (command-line flags override it)")
+    ap.add_argument("--out", help="output folder (log shards, settings.json, table.json)")
+    ap.add_argument("--model", help="'reference' (default) or a timm model name")
+    ap.add_argument("--checkpoint", help="weights file (default: the shipped reference weights)")
+    ap.add_argument("--model-kwargs", type=json.loads, help="JSON kwargs for timm.create_model")
+    ap.add_argument("--data", choices=["fashion_mnist", "digits"], help="search data: Fashion-MNIST held-out split "
+                    "of the training set (default) or sklearn digits' train split (tests)")
+    ap.add_argument("--limit", type=int, help="use only the first LIMIT images of the search split")
+    ap.add_argument("--patch", type=json.loads, help='JSON kwargs for tcl.patch, e.g. \'{"merge": "attention"}\'')
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--cache-images", type=int, help="cache block inputs of this many images (default 512; ~0.2 MB each "
+                    "for the reference model) so blocks before a schedule's first reduction are skipped")
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
+    ap.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
+    for f in dataclasses.fields(SearchConfig):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.name != "method" else str)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> LookupTable:
+    """Command-line entry: python -m tcl.search --config configs/search_full.yaml [--flags]."""
+    from . import data as tdata, models
+
+    args = vars(_parser().parse_args(argv))
+    opts: dict[str, Any] = {}
+    if args["config"]:
+        import yaml
+
+        opts = yaml.safe_load(Path(args["config"]).read_text()) or {}
+        if not isinstance(opts, dict):
+            raise SearchError(f"{args['config']} must hold a mapping of option: value")
+    opts.update({k: v for k, v in args.items() if v is not None and k != "config"})
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
+    unknown = set(opts) - fields - {"out", "model", "checkpoint", "model_kwargs", "data", "limit", "patch",
+                                    "batch_size", "cache_images", "threads", "quiet"}
+    if unknown:
+        raise SearchError(f"unknown option(s) {sorted(unknown)}; see python -m tcl.search --help")
+    if opts.get("patch", {}).get("merge") == "bipartite":
+        opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
+    rank, world = init_distributed()
+    torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))
+    name = opts.get("model", "reference")
+    model = (models.reference(opts.get("checkpoint")) if name == "reference"
+             else models.create(name, opts.get("checkpoint"), **opts.get("model_kwargs", {})))
+    which = opts.get("data", "fashion_mnist")
+    ds = tdata.fashion_mnist("heldout", limit=opts.get("limit")) if which == "fashion_mnist" else tdata.digits("train")
+    info = ({"name": "fashion_mnist", "split": "heldout", "heldout_size": tdata.HELDOUT_SIZE,
+             "heldout_seed": tdata.HELDOUT_SEED} if which == "fashion_mnist" else {"name": "digits", "split": "train"})
+    x, y = ds.tensors[0][:opts.get("limit")], ds.tensors[1][:opts.get("limit")]
+    cfg = SearchConfig(**{k: v for k, v in opts.items() if k in fields})
+    scorer = ReferenceScorer(model, (x, y), batch_size=opts.get("batch_size", 1000), info=info,
+                             cache_images=opts.get("cache_images", 512), **opts.get("patch", {}))
+    out = opts.get("out") or f"runs/search_{cfg.method}_{cfg.candidates}_seed{cfg.seed}"
+    t0 = time.perf_counter()
+    table = search(model, scorer, cfg, out, progress=not opts.get("quiet"))
+    if rank == 0:
+        print(f"{len(table.entries)} table entries from {cfg.candidates} candidates in {time.perf_counter() - t0:.1f} s "
+              f"({world} process(es) x {torch.get_num_threads()} thread(s)); table: {Path(out) / 'table.json'}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

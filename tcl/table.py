@@ -1,0 +1,185 @@
+"""LookupTable: FLOPs budget -> searched schedule, saved as versioned JSON and validated on load."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .schedule import Schedule, ScheduleError, ViTDims, macs, vit_dims
+from .utils import write_json
+
+TABLE_FORMAT = "tcl.lookup_table"
+TABLE_VERSION = 1
+LOWER_IS_BETTER = frozenset({"kl"})  # every other score (acc, agree) is higher-is-better
+
+
+class TableError(ValueError):
+    """Raised for a malformed lookup table, or one made for a different model."""
+
+
+class BudgetError(ValueError):
+    """Raised when no schedule in a lookup table fits the requested budget."""
+
+
+def better(score: str, a: float, b: float) -> bool:
+    """Whether score value a is strictly better than b (kl: lower; acc/agree: higher)."""
+    return a < b if score in LOWER_IS_BETTER else a > b
+
+
+def sort_key(score: str, value: float) -> float:
+    """A key that sorts best-first for the named score."""
+    return value if score in LOWER_IS_BETTER else -value
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's state_dict (names, shapes, float32 bytes): identifies the weights a table was searched on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_info(model: torch.nn.Module) -> dict[str, Any]:
+    """What a table records about its model: name, dims, full MACs, weights hash."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or type(model).__name__
+    return {"name": name, "dims": dataclasses.asdict(vit_dims(model)), "macs": macs(model),
+            "weights_sha256": weights_sha256(model)}
+
+
+@dataclass
+class LookupTable:
+    """Best searched schedule per MACs level; `select(budget)` returns the best one that fits."""
+
+    entries: list[dict[str, Any]]  # {"macs", "fraction", "schedule": Schedule.to_dict(), "scores", "id"}, by macs
+    model: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
+    score: str = "acc"
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise TableError("a lookup table needs at least one entry; run a search that evaluates some candidates")
+        for e in self.entries:
+            if not {"macs", "schedule", "scores"} <= e.keys() or self.score not in e["scores"]:
+                raise TableError(f"table entry {str(e)[:120]} lacks macs/schedule/scores[{self.score!r}]; "
+                                 "re-create the table with tcl.search")
+        self.entries = sorted(self.entries, key=lambda e: (e["macs"], e.get("id", 0)))
+
+    # ---- budgets --------------------------------------------------------------------------------------------
+    @property
+    def full_macs(self) -> int:
+        """MACs per image of the uncompressed model the table was searched on."""
+        return int(self.model["macs"])
+
+    @property
+    def patch_kwargs(self) -> dict[str, Any]:
+        """The tcl.patch settings the table was searched with: tcl.patch(model, table.select(0.6), **table.patch_kwargs)."""
+        return dict(self.data.get("patch", {}))
+
+    def budget_macs(self, budget: float | None = None, *, fraction: float | None = None,
+                    gmacs: float | None = None) -> int:
+        """A budget in MACs: positional x <= 1 is a fraction of full MACs, x > 1 is GMACs; or say fraction=/gmacs=."""
+        given = [v for v in (budget, fraction, gmacs) if v is not None]
+        if len(given) != 1:
+            raise BudgetError("give exactly one budget: select(0.6), select(fraction=0.6) or select(gmacs=2.9)")
+        if budget is not None:
+            fraction, gmacs = (budget, None) if budget <= 1 else (None, budget)
+        value = fraction if fraction is not None else gmacs
+        if value is None or not value > 0:
+            raise BudgetError(f"budget must be positive, got {value}")
+        return int(fraction * self.full_macs) if fraction is not None else int(gmacs * 1e9)  # type: ignore[operator]
+
+    def entry(self, budget: float | None = None, *, fraction: float | None = None,
+              gmacs: float | None = None) -> dict[str, Any]:
+        """The best-scoring entry whose MACs fit the budget (see budget_macs); raises BudgetError if none fits."""
+        limit = self.budget_macs(budget, fraction=fraction, gmacs=gmacs)
+        fits = [e for e in self.entries if e["macs"] <= limit]
+        if not fits:
+            cheapest = self.entries[0]["macs"]
+            raise BudgetError(
+                f"no schedule in the table fits {limit / 1e9:.4g} GMACs ({limit / self.full_macs:.1%} of full); the "
+                f"cheapest available is {cheapest / 1e9:.4g} GMACs = fraction {cheapest / self.full_macs:.3f}. Pass a "
+                "budget at least that large, or search again with a lower min_fraction")
+        return min(fits, key=lambda e: (sort_key(self.score, e["scores"][self.score]), e["macs"]))
+
+    def select(self, budget: float | None = None, *, fraction: float | None = None,
+               gmacs: float | None = None) -> Schedule:
+        """The best schedule within budget: select(0.6) = 60% of full MACs, select(gmacs=2.9); use with tcl.patch."""
+        e = self.entry(budget, fraction=fraction, gmacs=gmacs)
+        s = Schedule.from_dict(e["schedule"])
+        return Schedule(s.prune, s.merge, {**s.meta, "macs": e["macs"], "scores": e["scores"]})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat dict per entry (macs, fraction, scores, prune, merge): ready for pandas.DataFrame."""
+        return [{"id": e.get("id"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs, **e["scores"],
+                 "prune": e["schedule"]["prune"], "merge": e["schedule"]["merge"]} for e in self.entries]
+
+    # ---- validation / io ------------------------------------------------------------------------------------
+    def check(self, model: torch.nn.Module) -> "LookupTable":
+        """Raise TableError unless the table was made for this model's architecture (warn if only the weights differ)."""
+        dims = dataclasses.asdict(vit_dims(model))
+        if self.model.get("dims") != dims or self.model.get("macs") != macs(model):
+            raise TableError(f"this table was searched for {self.model.get('name')} with dims {self.model.get('dims')}, "
+                             f"but the model has dims {dims}; load the table made for this model or run a new search")
+        sha = self.model.get("weights_sha256")
+        if sha is not None and sha != weights_sha256(model):
+            warnings.warn("the model's weights differ from the ones this table was searched on; the schedules fit, "
+                          "but their scores may not carry over (search again for these weights)", stacklevel=2)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON-able form."""
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model": self.model, "data": self.data,
+                "search": self.search, "score": self.score, "entries": self.entries}
+
+    @classmethod
+    def from_dict(cls, d: Any, model: torch.nn.Module | None = None) -> "LookupTable":
+        """Inverse of to_dict; validates format, version, entries (and the model when given)."""
+        if not isinstance(d, dict) or d.get("format") != TABLE_FORMAT:
+            raise TableError(f"not a tcl lookup table (expected format {TABLE_FORMAT!r}); write tables with LookupTable.save")
+        if d.get("version") != TABLE_VERSION:
+            raise TableError(f"lookup table version {d.get('version')!r} is not supported (this tcl reads version "
+                             f"{TABLE_VERSION}); re-create the table with this tcl version")
+        missing = {"model", "entries", "score"} - d.keys()
+        if missing or not isinstance(d["entries"], list) or not isinstance(d["model"], dict) or "macs" not in d["model"]:
+            raise TableError(f"lookup table is missing {sorted(missing) or 'model.macs / an entries list'}; "
+                             "re-create it with tcl.search")
+        try:
+            for e in d["entries"]:
+                Schedule.from_dict(e["schedule"])
+        except (ScheduleError, KeyError, TypeError) as err:
+            raise TableError(f"lookup table holds a malformed schedule ({err}); re-create it with tcl.search") from err
+        table = cls(entries=d["entries"], model=d["model"], data=d.get("data", {}), search=d.get("search", {}),
+                    score=d["score"])
+        return table.check(model) if model is not None else table
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the table as JSON atomically (temp file + os.replace)."""
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None) -> "LookupTable":
+        """Read and validate a table; with model, also check it was made for that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"lookup table {path} does not exist; run `python -m tcl.search` to create one")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TableError(f"lookup table {path} is not valid JSON ({err}); re-create it with tcl.search") from err
+        return cls.from_dict(d, model)
+
+
+def dims_of(model: torch.nn.Module | ViTDims) -> ViTDims:
+    """ViTDims of a model (or pass-through)."""
+    return model if isinstance(model, ViTDims) else vit_dims(model)

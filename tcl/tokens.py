@@ -1,0 +1,165 @@
+"""Token reduction as pure, batched tensor ops: attention prune (EViT, optional fused token), bipartite merge
+(ToMe), attention-guided merge, size / source tracking and proportional attention.
+
+Every matching function computes its indices once and returns a `Reduce` closure that applies them to any
+[B, N, ...] tensor (features, sizes, sources, importances): output token j is the group made of the kept input
+token ``keep[:, j]`` plus every source token merged into it. ``f(t)`` sums each group; ``f(t, w)`` takes its
+w-weighted mean (a group of one token is returned exactly as it was). Protected prefix tokens (CLS,
+distillation, registers) are always kept, at output positions 0..prefix-1, and never merged.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Reduce(Protocol):
+    """Maps [B, N, ...] to [B, M, ...]: the sum of each output token's group, or its w-weighted mean."""
+
+    def __call__(self, t: Tensor, w: Tensor | None = None) -> Tensor: ...
+
+
+def _flat(idx: Tensor, n: int) -> Tensor:
+    """Batch-row indices [B, K] into n tokens as indices into the flattened [B * n] token axis."""
+    return (idx + n * torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)).reshape(-1)
+
+
+def take(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows idx[b] of t[b] for every batch row: [B, N, ...] and [B, K] -> [B, K, ...]."""
+    b, n = t.shape[:2]
+    return t.reshape(b * n, *t.shape[2:]).index_select(0, _flat(idx, n)).view(b, idx.shape[1], *t.shape[2:])
+
+
+def _add_rows(out: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
+    """out[b, pos[b, i]] += rows[b, i], in place (out must be a fresh contiguous tensor); returns out."""
+    b, m = out.shape[:2]
+    out.view(b * m, *out.shape[2:]).index_add_(0, _flat(pos, m), rows.reshape(-1, *out.shape[2:]))
+    return out
+
+
+def identity(t: Tensor, w: Tensor | None = None) -> Tensor:
+    """The Reduce that keeps every token as it is."""
+    return t
+
+
+def groups(keep: Tensor, src: Tensor | None = None, dst: Tensor | None = None) -> Reduce:
+    """The Reduce whose output token j is input token keep[:, j] plus each src[:, i] with dst[:, i] == j."""
+    if src is None or dst is None or src.shape[1] == 0:
+        return lambda t, w=None: take(t, keep)
+
+    def reduce(t: Tensor, w: Tensor | None = None) -> Tensor:
+        out, ts = take(t, keep), take(t, src)
+        if w is None:
+            return _add_rows(out, dst, ts)
+        ws = take(w, src)
+        total = _add_rows(take(w, keep), dst, ws)
+        # x_d + sum_s w_s (x_s - x_d) / W_d  ==  (w_d x_d + sum_s w_s x_s) / W_d, exact for untouched tokens
+        return _add_rows(out, dst, ws / take(total, dst) * (ts - take(out, dst)))
+
+    return reduce
+
+
+def _prefix_idx(batch: int, prefix: int, device: torch.device) -> Tensor:
+    return torch.arange(prefix, device=device).expand(batch, prefix)
+
+
+def _check_keep(keep: int, prefix: int, n: int) -> None:
+    if not prefix <= keep:
+        raise ValueError(f"cannot keep {keep} of {n} tokens with {prefix} protected ones; keep at least {prefix}")
+
+
+def prune_merge(importance: Tensor, metric: Tensor | None, prune_keep: int, merge_keep: int, prefix: int) -> Reduce:
+    """In one pass: keep the prefix and the top-(prune_keep - prefix) tokens by importance [B, N], then merge the
+    lowest-importance of those beyond merge_keep each into its most cosine-similar (by metric [B, N, D]) token
+    among the (merge_keep - prefix) highest; kept tokens come in descending importance."""
+    batch, n = importance.shape
+    _check_keep(merge_keep, prefix, n)
+    if merge_keep > prune_keep:
+        raise ValueError(f"merge_keep={merge_keep} exceeds prune_keep={prune_keep}; a merge only removes tokens")
+    prune_keep = min(prune_keep, n)
+    if merge_keep >= n:
+        return identity
+    head = _prefix_idx(batch, prefix, importance.device)
+    order = importance[:, prefix:].topk(prune_keep - prefix, dim=1).indices + prefix
+    if merge_keep == prune_keep:
+        return groups(torch.cat([head, order], 1))
+    if merge_keep == prefix or metric is None:
+        raise ValueError(f"merging down to {merge_keep} tokens needs a metric and a destination besides the "
+                         f"{prefix} protected ones; pass metric and keep at least {prefix + 1}")
+    dst_pool, src = order[:, :merge_keep - prefix], order[:, merge_keep - prefix:]
+    sim = F.normalize(take(metric, src), dim=-1) @ F.normalize(take(metric, dst_pool), dim=-1).transpose(1, 2)
+    return groups(torch.cat([head, dst_pool], 1), src, sim.argmax(dim=-1) + prefix)
+
+
+def prune(importance: Tensor, keep: int, prefix: int, fuse: bool = False) -> Reduce:
+    """Keep the prefix and the top-(keep - prefix) other tokens by importance [B, N], in descending order; with
+    fuse, the last of the `keep` slots is one token holding every pruned token (use w = importance for EViT)."""
+    batch, n = importance.shape
+    _check_keep(keep, prefix, n)
+    if not (fuse and prefix < keep < n):
+        return prune_merge(importance, None, keep, keep, prefix)
+    order = importance[:, prefix:].argsort(dim=1, descending=True) + prefix
+    src = order[:, keep - prefix:]  # order[:, keep - prefix - 1] is the pruned token the others fuse into
+    return groups(torch.cat([_prefix_idx(batch, prefix, order.device), order[:, :keep - prefix]], 1), src,
+                  torch.full_like(src, keep - 1))
+
+
+def attention_merge(importance: Tensor, metric: Tensor, keep: int, prefix: int) -> Reduce:
+    """Merge the (N - keep) lowest-importance non-prefix tokens each into its most cosine-similar (by metric
+    [B, N, D]) token among the (keep - prefix) highest-importance ones; kept tokens come in descending importance."""
+    return prune_merge(importance, metric, importance.shape[1], keep, prefix)
+
+
+def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
+    """ToMe: split the non-prefix tokens alternately into A (even) and B (odd), merge the r tokens of A most
+    cosine-similar to B each into its best match; output [prefix, unmerged A in order, B in order]."""
+    batch, n, _ = metric.shape
+    if not 0 <= r <= (n - prefix) // 2:
+        raise ValueError(f"bipartite merge removes at most half of the {n - prefix} non-protected tokens, "
+                         f"asked for r={r}; use fewer merges or merge='attention'")
+    if r == 0:
+        return identity
+    m = F.normalize(metric[:, prefix:], dim=-1)
+    a, b = m[:, ::2], m[:, 1::2]
+    best, match = (a @ b.transpose(1, 2)).max(dim=-1)
+    rank = best.argsort(dim=1, descending=True)
+    src_a, unmerged_a = rank[:, :r], rank[:, r:].sort(dim=1).values
+    dev = metric.device
+    b_idx = (prefix + 1 + 2 * torch.arange(b.shape[1], device=dev)).expand(batch, -1)
+    keep = torch.cat([_prefix_idx(batch, prefix, dev), prefix + 2 * unmerged_a, b_idx], 1)
+    dst = prefix + unmerged_a.shape[1] + match.gather(1, src_a)
+    return groups(keep, prefix + 2 * src_a, dst)
+
+
+def merge_wavg(f: Reduce, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Apply f to features x as a size-weighted mean and to sizes [B, N, 1] as a sum (None = all ones)."""
+    size = torch.ones_like(x[..., :1]) if size is None else size
+    return f(x, size), f(size)
+
+
+def init_source(batch: int, n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Source matrix [B, N, N] of unreduced tokens: token i holds input patch i (reduce it with f(source))."""
+    return torch.eye(n, device=device, dtype=dtype).expand(batch, n, n)
+
+
+def size_bias(size: Tensor) -> Tensor:
+    """Proportional attention: log(size) [B, N, 1] as an additive attention mask [B, 1, 1, N]."""
+    return size.log().transpose(1, 2).unsqueeze(1)
+
+
+def cls_attention(q: Tensor, k: Tensor, scale: float, readers: int, size: Tensor | None = None) -> Tensor:
+    """Softmax attention [B, H, N] of the first `readers` tokens' queries (averaged) over all keys, log(size) added;
+    with readers == 0 the query is the size-weighted mean query (a proxy for the mean attention received)."""
+    if readers > 0:
+        qr = q[:, :, :readers]
+    elif size is None:
+        qr = q.mean(dim=2, keepdim=True)
+    else:
+        qr = (q * size.unsqueeze(1)).sum(dim=2, keepdim=True) / size.sum(dim=1).view(-1, 1, 1, 1)
+    logits = (qr * scale) @ k.transpose(-2, -1)
+    if size is not None:
+        logits = logits + size_bias(size)
+    return logits.softmax(dim=-1).mean(dim=2)

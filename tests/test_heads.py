@@ -1,0 +1,249 @@
+"""Head modularization: gate equivalence, gradient-reset updates, scorers, physical pruning, folding, MACs, modules."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+
+from tcl import evaluate, heads, schedule
+
+torch.set_num_threads(1)
+SIZE = (1, 16, 16)
+
+
+def tiny(seed: int = 0, **kw) -> VisionTransformer:
+    torch.manual_seed(seed)
+    cfg = dict(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+    return VisionTransformer(**{**cfg, **kw}).eval()
+
+
+def batch(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SIZE, generator=g), torch.arange(n) % 5
+
+
+VARIANTS = [dict(), dict(class_token=False, global_pool="avg"), dict(reg_tokens=2), dict(init_values=0.1),
+            dict(qk_norm=True), dict(no_embed_class=True, reg_tokens=1, init_values=1e-2, qk_norm=True)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_gates_are_equivalent_and_prune_fold_exact(kw: dict, fused: bool) -> None:
+    model = tiny(**kw)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    x, _ = batch()
+    with torch.no_grad():
+        ref = model(x)
+        gated = heads.insert_gates(copy.deepcopy(model))
+        assert (gated(x) - ref).abs().max() <= 1e-6
+        assert heads.gates(gated).shape == (2, 4) and bool((heads.gates(gated) == 1).all())
+        vals = torch.rand(2, 4, generator=torch.Generator().manual_seed(3)) + 0.5
+        mask = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]], dtype=torch.bool)
+        heads.set_gates(gated, vals * mask)
+        masked = gated(x)
+        heads.set_gates(gated, vals)
+        out = gated(x)
+        pruned = heads.prune_heads(gated, mask)  # uses the model's gates, folded
+        assert heads.head_counts(pruned) == [3, 1]
+        assert (pruned(x) - masked).abs().max() <= 1e-5
+        folded = heads.fold_gates(copy.deepcopy(gated))
+        assert (folded(x) - out).abs().max() <= 1e-5 and bool((heads.gates(folded) == 1).all())
+        restored = heads.remove_gates(copy.deepcopy(gated), fold=True)
+        assert type(restored.blocks[0].attn) is Attention and (restored(x) - out).abs().max() <= 1e-5
+        unfolded = heads.remove_gates(heads.insert_gates(copy.deepcopy(model)), fold=False)
+        assert (unfolded(x) - ref).abs().max() <= 1e-6
+
+
+def test_params_and_macs_are_real() -> None:
+    model = tiny(reg_tokens=1)
+    full = heads.head_macs(model)
+    assert full == schedule.macs(model) == evaluate.counted_macs(model, SIZE)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    pruned = heads.prune_heads(model, mask)
+    assert heads.head_macs(pruned) == evaluate.counted_macs(pruned, SIZE) < full
+    d, c = 8, 32  # head_dim, embed dim: each removed head drops 3 qkv row blocks (+bias) and d proj columns
+    assert heads.param_count(model) - heads.param_count(pruned) == 5 * (3 * d * c + 3 * d + d * c)
+    module = heads.extract_module(model, 2, mask)
+    assert heads.head_macs(module) == evaluate.counted_macs(module, SIZE) == heads.head_macs(pruned)
+
+
+def test_empty_block_needs_flag_and_equals_zero_gates() -> None:
+    model = heads.insert_gates(tiny(init_values=0.5))
+    mask = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    with pytest.raises(heads.HeadsError, match="allow_empty_blocks"):
+        heads.keep_mask(torch.rand(2, 4), 1)
+    assert heads.keep_mask(torch.rand(2, 4), 1, allow_empty_blocks=True).sum() == 1
+    x, _ = batch()
+    with torch.no_grad():
+        heads.set_gates(model, mask.float())
+        masked = model(x)
+        pruned = heads.prune_heads(model, mask)
+        assert heads.head_counts(pruned) == [0, 2] and (pruned(x) - masked).abs().max() <= 1e-5
+    assert heads.head_macs(pruned) == evaluate.counted_macs(pruned, SIZE)
+
+
+def test_reset_step_masks_objective_and_adds_penalty_by_hand() -> None:
+    model = heads.insert_gates(tiny())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = heads.gate_params(model)
+    for p in params:
+        p.requires_grad_(True)
+    x, y = batch()
+    mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    for penalty in ("sign", "unit", "l2"):
+        heads.set_gates(model, torch.tensor([[1.0, 0.7, -0.4, 1.2], [0.9, 1.1, 0.8, 0.0]]))
+        cfg = heads.ResetConfig(lr=0.5, lam=0.01, penalty=penalty)
+        before = heads.gates(model)
+        loss = heads.vs_rest_loss(model(x), y, (1,))
+        objective = torch.stack(torch.autograd.grad(loss, params))
+        opt = torch.optim.SGD(params, lr=cfg.lr)
+        out = heads.reset_step(model, opt, x, y, (1,), mask, cfg)
+        assert torch.equal(out["objective_grad"], objective)
+        expected = before - cfg.lr * (objective * mask + heads.penalty_grad(before, cfg))
+        assert torch.allclose(heads.gates(model), expected, atol=1e-7, rtol=0)
+        assert torch.equal(heads.penalty_grad(before, cfg)[1, 3], torch.tensor(0.0))  # sign/unit/l2 of 0 is 0
+
+
+def test_forgotten_gates_decay_and_schedule_reaches_keep() -> None:
+    model, data = tiny(), batch(40)
+    fixed = torch.tensor([[1, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    cfg = heads.ResetConfig(steps=30, batch_size=8, lr=0.5, lam=0.1)
+    out = heads.reset_train(model, data, 0, 6, cfg, fixed_mask=fixed, progress=False)
+    g = out["gates"].abs()
+    assert float(g[~fixed].max()) <= cfg.lr * cfg.lam + 1e-6  # fell by lr*lam per step from 1 and stays at 0
+    assert len(out["history"]) >= 3 and out["history"][0]["gate_forgotten"] > out["history"][-1]["gate_forgotten"]
+    counts = [heads.forgotten_at(s, 5, cfg) for s in range(cfg.steps)]
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 5 and counts[int(cfg.ramp * 30) - 1] == 5
+    out = heads.reset_train(tiny(), data, [1, 2], 3, cfg, progress=False)
+    assert int(out["mask"].sum()) == 3 and bool((out["mask"].sum(1) >= 1).all())
+
+
+def test_reset_train_resumes_exactly(tmp_path, monkeypatch) -> None:
+    data, cfg = batch(40), heads.ResetConfig(steps=12, batch_size=8, lr=0.5, lam=0.05, criterion="taylor")
+    ref = heads.reset_train(tiny(), data, 3, 4, cfg, progress=False)
+    save = heads._save_atomic
+
+    def crash(obj, path):
+        save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heads, "_save_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        heads.reset_train(tiny(), data, 3, 4, cfg, checkpoint=tmp_path / "s.pt", save_every=5, progress=False)
+    monkeypatch.setattr(heads, "_save_atomic", save)
+    out = heads.reset_train(tiny(), data, 3, 4, cfg, checkpoint=tmp_path / "s.pt", save_every=5, progress=False)
+    assert torch.equal(out["gates"], ref["gates"]) and torch.equal(out["mask"], ref["mask"])
+    with pytest.raises(heads.HeadsError, match="different run"):
+        heads.reset_train(tiny(), data, 2, 4, cfg, checkpoint=tmp_path / "s.pt", progress=False)
+
+
+def test_scorers_match_their_definitions() -> None:
+    model = heads.insert_gates(tiny())
+    x, y = batch(12)
+    imp = heads.head_importance(model, (x, y), [0, [1, 2]], batch_size=5, probes=1, progress=False)
+    assert all(v.shape == (2, 2, 4) for v in imp.values())
+    params = heads.gate_params(model)
+    for p in params:
+        p.requires_grad_(True)
+    tgt = (1, 2)
+    is_pos = torch.isin(y, torch.tensor(tgt))
+    w = heads.balance_weights(is_pos)
+    per = torch.stack([torch.stack(torch.autograd.grad(heads.vs_rest_loss(model(x[i:i + 1]), y[i:i + 1], tgt, True).sum(), params))
+                       for i in range(len(x))])  # per-example gradients, one backward each
+    full = torch.stack(torch.autograd.grad(heads.vs_rest_loss(model(x), y, tgt), params))
+    ww = w.view(-1, 1, 1)
+    assert torch.allclose((ww * per).sum(0), full, atol=1e-6)
+    assert torch.allclose(imp["taylor"][1], full.abs(), atol=1e-6)  # gates are 1
+    assert torch.allclose(imp["fisher"][1], (ww * per.square()).sum(0), atol=1e-7)
+    assert torch.allclose(imp["michel"][1], (ww * per.abs()).sum(0), atol=1e-6)
+
+
+def test_hutchinson_estimates_the_hessian_diagonal() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = heads.insert_gates(tiny(depth=1, num_heads=2, embed_dim=16))
+    x, y = batch(10)
+    imp = heads.head_importance(model, (x, y), [0], ["hessian"], probes=64, progress=False)
+    g = heads.gate_params(model)[0].requires_grad_(True)
+    with sdpa_kernel(SDPBackend.MATH):
+        grad = torch.autograd.grad(heads.vs_rest_loss(model(x), y, (0,)), g, create_graph=True)[0]
+        hess = torch.stack([torch.autograd.grad(grad[i], g, retain_graph=True)[0] for i in range(2)])
+    # with 2 gates, v * Hv = diag(H) + v_0 v_1 H_01: the mean over 64 probes is off by (mean v_0 v_1) * |H_01|
+    err = (imp["hessian_diag"][0, 0] - hess.diagonal()).abs()
+    assert bool((err <= 0.5 * hess[0, 1].abs() + 1e-7).all())
+    assert torch.allclose(imp["hessian"][0, 0], 0.5 * imp["hessian_diag"][0, 0])
+
+
+def test_modules_compose_and_union() -> None:
+    model = tiny()
+    x, y = batch(30)
+    full = torch.ones(2, 4, dtype=torch.bool)
+    mods = [heads.extract_module(model, c, full) for c in (0, 2, 4)]
+    with torch.no_grad():
+        logits = model(x)
+        p = logits.softmax(-1)[:, 2]
+        assert torch.allclose(mods[1](x).softmax(-1), torch.stack([1 - p, p], -1), atol=1e-6)
+    composed = heads.compose(mods, calibration="none")
+    ref = heads.restricted(model, [0, 2, 4])
+    assert torch.equal(heads.scores(composed, (x, y))[0].argmax(-1), heads.scores(ref, (x, y))[0].argmax(-1))
+    assert heads.subset_accuracy(composed, (x, y)) == heads.subset_accuracy(ref, (x, y))
+    std = heads.compose(mods, (x, y))
+    z = heads.scores(std, (x[torch.isin(y, torch.tensor([0, 2, 4]))], y))[0]
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-5)
+    small = [heads.extract_module(model, c, heads.random_mask((2, 4), 3, seed=c)) for c in (0, 2)]
+    union = heads.union_classifier(model, small)
+    assert union.classes == [0, 2]
+    assert heads.head_counts(union) == (small[0].mask | small[1].mask).sum(1).tolist()
+    assert torch.equal(heads.jaccard(torch.stack([m.mask for m in small]))[0, 0], torch.tensor(1.0))
+
+
+def test_decompose_every_method_and_report() -> None:
+    model, data = tiny(), batch(40)
+    cfg = heads.ResetConfig(steps=8, batch_size=8)
+    for method in ("reset", "taylor", "fisher", "michel", "random"):
+        mod = heads.decompose_class(model, data, 1, 4, method, cfg=cfg, progress=False)
+        assert int(mod.mask.sum()) == 4 and heads.head_counts(mod) == mod.mask.sum(1).tolist()
+        assert mod.info["method"] == method and mod.info["seconds"] >= 0
+    rec = heads.module_report(mod, model, data)
+    assert rec["heads_kept"] == 4 and rec["macs"] < rec["original_macs"] and 0 <= rec["module_f1"] <= 1
+    best, recs = heads.search_keep(model, data, data, 1, [8, 6], "taylor", tolerance=1.0, cfg=cfg, progress=False)
+    assert [r["heads_kept"] for r in recs] == [8, 6] and best is not None
+
+
+def test_metrics() -> None:
+    pred = torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    truth = torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.bool)
+    m = heads.binary_metrics(pred, truth)
+    assert m["tpr"] == pytest.approx(2 / 3) and m["tnr"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert heads.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1], dtype=torch.bool)) == 0.75
+    assert heads.auc(torch.tensor([1.0, 1.0]), torch.tensor([0, 1], dtype=torch.bool)) == 0.5
+    a = torch.tensor([[[1, 1], [0, 0]], [[1, 0], [1, 0]]], dtype=torch.bool)
+    assert torch.allclose(heads.jaccard(a), torch.tensor([[1.0, 1 / 3], [1 / 3, 1.0]]))
+
+
+def test_bad_input_raises_clear_errors() -> None:
+    model = tiny()
+    with pytest.raises(heads.HeadsError, match=r"\[0, 5\)"):
+        heads.decompose_class(model, batch(), 7, 4, "taylor", progress=False)
+    with pytest.raises(heads.HeadsError, match="keep=1"):
+        heads.decompose_class(model, batch(), 1, 1, "taylor", progress=False)
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        heads.insert_gates(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # type: ignore[arg-type]
+    with pytest.raises(heads.HeadsError, match="scale_attn_norm"):
+        heads.insert_gates(tiny(scale_attn_norm=True))
+    with pytest.raises(heads.HeadsError, match="insert_gates"):
+        heads.gates(model)
+    with pytest.raises(heads.HeadsError, match="shape"):
+        heads.prune_heads(model, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(heads.HeadsError, match="both"):
+        heads.reset_train(model, (batch()[0], torch.zeros(24, dtype=torch.long)), 0, 4, progress=False)
+    with pytest.raises(heads.HeadsError, match="needs data"):
+        heads.compose([heads.extract_module(model, 0, torch.ones(2, 4, dtype=torch.bool))])
+    with pytest.raises(heads.HeadsError, match="method"):
+        heads.decompose_class(model, batch(), 1, 4, "magic", progress=False)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from . import data, models
 class Recipe:
     """Hyper-parameters of the reference training run."""
 
-    epochs: int = 20
+    epochs: int = 18
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -57,11 +57,18 @@ def augment(x: torch.Tensor, shift: int, erase_p: float, g: torch.Generator) -> 
 
 
 def train_reference(out: str | os.PathLike = models.WEIGHTS, recipe: Recipe | None = None,
-                    state_path: str | os.PathLike = "runs/train_state.pt", limit: int | None = None) -> dict[str, Any]:
-    """Train the reference ViT on Fashion-MNIST (train split minus held-out), resumably; write safetensors."""
+                    state_path: str | os.PathLike = "runs/train_state.pt", limit: int | None = None,
+                    init: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train the reference ViT on Fashion-MNIST (train split minus held-out), resumably; write safetensors.
+
+    With init, start from those weights (a further stage: e.g. a warm restart); its metadata is kept as 'stages'."""
     r = recipe or Recipe()
     torch.manual_seed(r.seed)
     model = models.build_reference()
+    stages = []
+    if init is not None:
+        prev = models.load_weights(model, init)
+        stages = prev.get("stages", []) + [{k: prev[k] for k in ("recipe", "history") if k in prev}]
     ds = data.fashion_mnist("train", limit=limit)
     held = data.fashion_mnist("heldout", limit=limit)
     x_all, y_all = ds.tensors
@@ -109,7 +116,7 @@ def train_reference(out: str | os.PathLike = models.WEIGHTS, recipe: Recipe | No
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "gen": g.get_state(), "epoch": epoch + 1, "history": history, "recipe": asdict(r)}, tmp)
         os.replace(tmp, state_path)
-    meta = {"recipe": asdict(r), "history": history, "config": models.reference_config(),
+    meta = {"recipe": asdict(r), "history": history, "stages": stages, "config": models.reference_config(),
             "data": "fashion-mnist train minus held-out (seed 0, 5000)"}
     models.save_weights(model.eval(), out, meta)
     return meta

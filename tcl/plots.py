@@ -104,3 +104,17 @@ def merge_overlay(images: Any, source: Any, grid: int, prefix: int, titles: Sequ
     axes[1, 0].set_title("tokens (pruned = blue)", fontsize=7, loc="left")
     fig.tight_layout()
     return fig
+
+
+def schedules(named: dict[str, Any], tokens: int) -> plt.Figure:
+    """Kept tokens after prune (solid) and after merge (dashed) per block, one colour per schedule."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, (name, s) in enumerate(named.items()):
+        blocks = list(range(len(s.prune) + 1))
+        ax.step(blocks, [tokens, *s.prune], where="post", color=f"C{i}", label=f"{name} prune")
+        ax.step(blocks, [tokens, *s.merge], where="post", color=f"C{i}", ls="--", label=f"{name} merge")
+    ax.set(xlabel="block", ylabel="kept tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -118,3 +118,18 @@ def schedules(named: dict[str, Any], tokens: int) -> plt.Figure:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def heatmaps(named: dict[str, Any], title: str = "") -> plt.Figure:
+    """One blocks x heads heatmap per name (e.g. per-class head importance)."""
+    import numpy as np
+
+    k = len(named)
+    fig, axes = plt.subplots(1, k, figsize=(2.2 * k + 0.5, 3), squeeze=False)
+    for ax, (name, m) in zip(axes[0], named.items()):
+        a = np.asarray(m, dtype=float)
+        ax.imshow(a, cmap="viridis", aspect="auto")
+        ax.set(title=name, xlabel="head", ylabel="block", xticks=range(a.shape[1]), yticks=range(a.shape[0]))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

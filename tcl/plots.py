@@ -133,3 +133,18 @@ def heatmaps(named: dict[str, Any], title: str = "") -> plt.Figure:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def bars(records: Sequence[dict[str, Any]], x: str, y: str, hue: str, ylabel: str | None = None) -> plt.Figure:
+    """Grouped bar chart: one group per `x` value, one bar per `hue` value."""
+    import pandas as pd
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sns.barplot(pd.DataFrame(records), x=x, y=y, hue=hue, ax=ax)
+    lo = min(r[y] for r in records)
+    ax.set(ylabel=ylabel or y, ylim=(lo - 0.1 * abs(lo) - 1, None))
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

@@ -7,4 +7,11 @@ from .patch import patch, unpatch
 __version__ = "0.1.0"
 __all__ = ["data", "evaluate", "models", "schedule", "Schedule", "ScheduleError", "macs"]
 from . import heads
-from . import search
+
+
+def __getattr__(name: str):  # tcl.search loads on first use, so `python -m tcl.search` does not import it twice
+    if name == "search":
+        import importlib
+
+        return importlib.import_module(".search", __name__)
+    raise AttributeError(f"module 'tcl' has no attribute {name!r}")

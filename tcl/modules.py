@@ -115,13 +115,15 @@ def param_count(model: nn.Module) -> int:
 
 # ---- class modules --------------------------------------------------------------------------------------------
 class ClassModule(nn.Module):
-    """A head-pruned backbone scoring `target` vs the rest. forward -> [B, 2] = (logsumexp of the other classes'
-    logits, logsumexp of the target's): its softmax is the backbone's (1 - p, p); score() is their difference."""
+    """A head-pruned backbone for `target` vs the rest. forward -> [B, 2] = (max logit of the other classes, max logit
+    of the target's): its argmax is the backbone's top-1 mapped to c-vs-rest, the same rule as for the original model.
+    score() is the smooth log-odds; predict() thresholds it at `threshold` when calibrated, else uses the top-1 rule."""
 
     def __init__(self, backbone: VisionTransformer, target: tuple[int, ...], mask: torch.Tensor,
                  info: dict[str, Any] | None = None):
         super().__init__()
         self.backbone, self.target, self.mask, self.info = backbone, target, mask.bool(), dict(info or {})
+        self.threshold: float | None = None
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,10 +131,57 @@ class ClassModule(nn.Module):
         return log_odds(self.backbone(x), self.target)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.backbone(x)
-        pos = torch.zeros(z.shape[-1], dtype=torch.bool, device=z.device)
-        pos[list(self.target)] = True
-        return torch.stack([z[:, ~pos].logsumexp(-1), z[:, pos].logsumexp(-1)], -1)
+        return two_logits(self.backbone(x), self.target)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool [B]: target or not (calibrated threshold on the log-odds if set, else the top-1 rule)."""
+        logits = self.backbone(x)
+        if self.threshold is not None:
+            return log_odds(logits, self.target) > self.threshold
+        return top1_in(logits, self.target)
+
+
+def two_logits(logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """[B, 2] = (max logit outside target, max logit inside): argmax 1 iff the top-1 class is in target."""
+    pos = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    pos[list(target)] = True
+    return torch.stack([logits[:, ~pos].amax(-1), logits[:, pos].amax(-1)], -1)
+
+
+def top1_in(logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """Bool [B]: the top-1 class is in target (a classifier mapped to c-vs-rest)."""
+    return torch.isin(logits.argmax(-1), torch.tensor(list(target), device=logits.device))
+
+
+def best_threshold(z: torch.Tensor, truth: torch.Tensor) -> float:
+    """The threshold t maximising the balanced accuracy of z > t (midway between neighbouring distinct scores)."""
+    zs, order = z.double().sort()
+    t = truth[order].double()
+    n_pos, n_neg = t.sum(), (1 - t).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise HeadsError("threshold calibration needs target and other images in the data")
+    pos_before = torch.cat([t.new_zeros(1), t.cumsum(0)])  # cut i: predict positive for sorted index >= i
+    neg_before = torch.cat([t.new_zeros(1), (1 - t).cumsum(0)])
+    ba = ((n_pos - pos_before) / n_pos + neg_before / n_neg) / 2
+    edges = torch.cat([zs[:1] - 1, zs, zs[-1:] + 1])
+    ba[1:-1][zs[1:] == zs[:-1]] = -1  # a cut inside a tie is not realisable
+    i = int(ba.argmax())
+    return float((edges[i] + edges[i + 1]) / 2)
+
+
+def calibrate(module: ClassModule, data: Data, limit: int | None = None) -> float:
+    """Set module.threshold to the balanced-accuracy-optimal log-odds threshold on data (the held-out split)."""
+    z, y = scores(module, data, limit)
+    module.threshold = best_threshold(z, torch.isin(y, torch.tensor(module.target)))
+    return module.threshold
+
+
+def reference_threshold(reference: nn.Module | torch.Tensor, data: Data, target: Target, limit: int | None = None) -> float:
+    """The same calibration for the original model (or its logits on data): its BA-optimal log-odds threshold."""
+    logits = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit)[0]
+    y = tensors(data, limit)[1]
+    tgt = (target,) if isinstance(target, int) else tuple(target)
+    return best_threshold(log_odds(logits, tgt), torch.isin(y, torch.tensor(tgt)))
 
 
 def extract_module(model: VisionTransformer, target: Target, mask: torch.Tensor, head_gates: torch.Tensor | None = None,
@@ -153,9 +202,12 @@ Method = Literal["reset", "taylor", "fisher", "michel", "hessian", "random"]
 
 def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: int, method: Method = "reset",
                     cfg: ResetConfig | None = None, retrain: bool = True, per_side: int | None = None,
-                    allow_empty_blocks: bool = False, seed: int = 0, progress: bool = True) -> ClassModule:
+                    allow_empty_blocks: bool = False, calibrated: bool = True, seed: int = 0,
+                    importance: torch.Tensor | None = None, progress: bool = True) -> ClassModule:
     """Build the class module for target with `keep` heads from `data` (the held-out split): 'reset' = gradient-reset
-    gate training; a scorer = its top heads (then, if retrain, gate training with that mask fixed); or 'random'."""
+    gate training; a scorer = its top heads (then, if retrain, gate training with that mask fixed); or 'random'.
+    Gates are fitted on a c-vs-rest balanced subset (per_side images a side); calibrated sets the threshold on data;
+    a precomputed [blocks, heads] importance (e.g. a row of class_importance) skips the scorer."""
     tgt = check_target(model, target)
     shape = num_heads(model)
     check_keep(shape, keep, allow_empty_blocks)
@@ -174,14 +226,18 @@ def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: 
         if method == "random":
             mask = random_mask(shape, keep, seed, allow_empty_blocks)
         else:
-            info["importance"] = head_importance(work, sub, [tgt], [method], seed=seed, progress=progress)[method][0]
+            info["importance"] = importance if importance is not None else \
+                head_importance(work, sub, [tgt], [method], seed=seed, progress=progress)[method][0]
             mask = keep_mask(info["importance"], keep, allow_empty_blocks)
         if retrain and method != "random":
             info["history"] = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, fixed_mask=mask,
                                           progress=progress)["history"]
     info["gates"] = gates(work) * mask
-    info["seconds"] = time.perf_counter() - t0
-    return extract_module(work, tgt, mask, info["gates"], info)
+    module = extract_module(work, tgt, mask, info["gates"], info)
+    if calibrated:
+        calibrate(module, data)
+    module.info["seconds"] = time.perf_counter() - t0
+    return module
 
 
 def class_importance(model: VisionTransformer, data: Data, classes: Sequence[int] | None = None, method: str = "fisher",
@@ -304,24 +360,27 @@ def auc(score: torch.Tensor, truth: torch.Tensor) -> float:
     return float((below + ties / 2).sum() / (len(pos) * len(neg)))
 
 
-def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data: Data, limit: int | None = None) -> dict[str, Any]:
-    """A flat record: module vs the reference model mapped to c-vs-rest (same log-odds head) on the same images of
-    data (the test split when reporting): balanced accuracy, F1, agreement, heads, params, MACs."""
-    z, y = scores(module, data, limit)
+def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data: Data, ref_threshold: float | None = None,
+                  limit: int | None = None) -> dict[str, Any]:
+    """A flat record: module vs the reference model (or its logits on data) mapped to c-vs-rest, on the same images
+    (the test split when reporting): BA / F1 / TPR / TNR by the top-1 rule, AUC of the log-odds, and, when
+    module.threshold and ref_threshold are set (calibrated on the held-out split), BA at those thresholds."""
+    logits, y = scores(module.backbone, data, limit)
     ref = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit)[0]
-    ref_vit = None if isinstance(reference, torch.Tensor) else reference
-    zr = log_odds(ref, module.target)
     truth = torch.isin(y, torch.tensor(module.target))
-    m, r = binary_metrics(z > 0, truth), binary_metrics(zr > 0, truth)
+    z, zr = log_odds(logits, module.target), log_odds(ref, module.target)
+    pm, pr = top1_in(logits, module.target), top1_in(ref, module.target)
     rec: dict[str, Any] = {"target": list(module.target), "method": module.info.get("method"),
                            "heads_kept": int(module.mask.sum()), "heads_total": module.mask.numel(),
                            "params": param_count(module), "macs": head_macs(module),
-                           "agreement": ((z > 0) == (zr > 0)).float().mean().item(),
-                           "seconds": module.info.get("seconds")}
-    rec.update({f"module_{k}": v for k, v in {**m, "auc": auc(z, truth)}.items()})
-    rec.update({f"original_{k}": v for k, v in {**r, "auc": auc(zr, truth)}.items()})
-    if ref_vit is not None:
-        rec.update({"original_params": param_count(ref_vit), "original_macs": head_macs(ref_vit)})
+                           "agreement": (pm == pr).float().mean().item(), "seconds": module.info.get("seconds")}
+    for name, pred, score, thr in (("module", pm, z, module.threshold), ("original", pr, zr, ref_threshold)):
+        rec.update({f"{name}_{k}": v for k, v in binary_metrics(pred, truth).items()})
+        rec[f"{name}_auc"] = auc(score, truth)
+        if module.threshold is not None and ref_threshold is not None:
+            rec[f"{name}_calibrated_balanced_accuracy"] = binary_metrics(score > thr, truth)["balanced_accuracy"]
+    if not isinstance(reference, torch.Tensor):
+        rec.update({"original_params": param_count(reference), "original_macs": head_macs(reference)})
     return rec
 
 
@@ -333,17 +392,20 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp_min(1)
 
 
-def search_keep(model: VisionTransformer, fit: Data, val: Data, target: Target, keeps: Sequence[int],
-                method: Method = "reset", tolerance: float = 0.01, cfg: ResetConfig | None = None,
+def search_keep(model: VisionTransformer, data: Data, target: Target, keeps: Sequence[int], method: Method = "reset",
+                tolerance: float = 0.01, rule: Literal["calibrated", "top1"] = "calibrated", cfg: ResetConfig | None = None,
                 progress: bool = True, **kw: Any) -> tuple[ClassModule | None, list[dict[str, Any]]]:
     """Smallest keep in `keeps` (tried in decreasing order, stop at the first miss) whose module's balanced accuracy on
-    val is within tolerance of the original's on val; returns (that module or None, one record per keep tried)."""
-    ref = scores(model, val)[0]
+    data (the held-out split; by calibrated thresholds or the top-1 rule) is within tolerance of the original's there.
+    Returns (that module or None, one module_report record per keep tried, with 'ok')."""
+    ref = scores(model, data)[0]
+    thr = reference_threshold(ref, data, target)
+    key = "calibrated_balanced_accuracy" if rule == "calibrated" else "balanced_accuracy"
     best, recs = None, []
     for keep in sorted(set(keeps), reverse=True):
-        mod = decompose_class(model, fit, target, keep, method, cfg, progress=progress, **kw)
-        rec = module_report(mod, ref, val)
-        rec["ok"] = rec["module_balanced_accuracy"] >= rec["original_balanced_accuracy"] - tolerance
+        mod = decompose_class(model, data, target, keep, method, cfg, progress=progress, **kw)
+        rec = module_report(mod, ref, data, ref_threshold=thr)
+        rec["ok"] = rec[f"module_{key}"] >= rec[f"original_{key}"] - tolerance
         recs.append(rec)
         if not rec["ok"]:
             break
@@ -351,7 +413,8 @@ def search_keep(model: VisionTransformer, fit: Data, val: Data, target: Target, 
     return best, recs
 
 
-__all__ = ["PrunedAttention", "prune_heads", "head_counts", "head_macs", "param_count", "ClassModule", "extract_module",
-           "random_mask", "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
+__all__ = ["PrunedAttention", "prune_heads", "head_counts", "head_macs", "param_count", "ClassModule", "two_logits",
+           "top1_in", "best_threshold", "calibrate", "reference_threshold", "extract_module", "random_mask",
+           "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
            "union_classifier", "restricted", "subset_accuracy", "binary_metrics", "auc", "module_report", "jaccard",
            "search_keep"]

@@ -4,7 +4,17 @@ merges tokens between its attention and its MLP following a Schedule; fused atte
 Token importance is the attention row of the class token(s) (CLS, and DeiT's distillation token averaged in),
 softmax(q_cls K^T scale + log size), averaged over heads; it is computed on its own ([B, H, N], never the N x N
 map) and only in blocks that remove tokens. Models without a class token (global average pooling, registers
-only) use a cheap proxy instead: the attention row of the size-weighted mean query.
+only) use a cheap proxy instead: the attention row of the size-weighted mean query. With prop_attn=False the
+log size term is left out of both the attention and the importance.
+
+Options of `patch`: merge='attention' merges the lowest-importance kept tokens each into its most similar
+higher-importance one, 'bipartite' is ToMe's matching; fuse=True folds pruned tokens into one EViT token (the
+attention-weighted mean, counted in the schedule's prune count; in the same block's merge step it is a token like
+the others, ranked by the pruned tokens' total attention); similarity='keys' (head-mean keys, by cosine) or
+'features' (the block's tokens) for matching; order='merge_prune' merges away prune[i] - merge[i] tokens first,
+then prunes to merge[i]; trace_source=True keeps the [B, N, N_input] 0/1 source matrix.
+The last forward's state is in `model._tcl_info`: "size" ([B, N, 1] tokens' patch counts, None while all are
+1), "source" (None unless traced), "schedule", "config".
 """
 from __future__ import annotations
 
@@ -47,14 +57,6 @@ def _steps(cfg: PatchConfig, n_in: int, p: int, m: int) -> tuple[tuple[str, int]
     return ("merge", n_in - (p - m)), ("prune", m)
 
 
-def _head_sum(k: Tensor) -> Tensor:
-    """Keys summed over heads [B, N, head_dim] (the head mean up to scale, so the same cosine similarities)."""
-    out = k[:, 0].clone()
-    for h in range(1, k.shape[1]):  # H strided adds beat one reduction over the strided head axis
-        out += k[:, h]
-    return out
-
-
 class TclAttention(Attention):
     """timm Attention plus `forward_tcl`, which is timm's forward with log(size) added to the logits as a float
     mask of the same fused attention (proportional attention), also returning the class-token attention row and
@@ -76,7 +78,7 @@ class TclAttention(Attention):
             attn = attn if bias is None else attn + bias
             o = self.attn_drop(attn.softmax(dim=-1)) @ v
         cls = tokens.cls_attention(q, k, self.scale, readers, size) if want_cls else None
-        keys = _head_sum(k) if want_keys else None
+        keys = tokens.head_sum(k.transpose(1, 2)) if want_keys else None
         o = self.norm(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         if gate is not None:
             o = o * gate
@@ -86,7 +88,7 @@ class TclAttention(Attention):
 class TclBlock(Block):
     """timm Block that reduces tokens between attention and MLP: x = x + attn(x); prune to schedule.prune[i];
     merge to schedule.merge[i] (or merge first with order='merge_prune'); x = x + mlp(x). Sizes and sources live
-    in the model's shared `_tcl_info`; attention is proportional (log size) once tokens were merged."""
+    in the model's shared `_tcl_info` (block 0 resets them); attention is proportional once tokens were merged."""
 
     _tcl_info: dict[str, Any]
     _tcl_step: tuple[int, int, int, int]  # block index, incoming, after prune, after merge
@@ -94,12 +96,15 @@ class TclBlock(Block):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         """The block's forward with its schedule step between attention and MLP."""
         if attn_mask is not None or is_causal:
-            raise ValueError("a tcl-patched ViT reduces tokens, so attention masks do not apply; call tcl.unpatch first")
+            raise ValueError("a tcl-patched ViT reduces tokens, so attention masks do not apply; "
+                             "call tcl.unpatch first")
         info, (i, n_in, p, m) = self._tcl_info, self._tcl_step
         cfg: PatchConfig = info["config"]
         if x.shape[1] != n_in:
             raise ScheduleError(f"block {i} expects {n_in} tokens from its schedule but got {x.shape[1]}; patch with a "
                                 "schedule built for this input size (e.g. tcl.Schedule.full(model))")
+        if i == 0:  # a new forward: every token is one patch again
+            info["size"] = info["source"] = None
         if cfg.trace_source and info["source"] is None:
             info["source"] = tokens.init_source(x.shape[0], n_in, x.device, x.dtype)
         prunes, merges = p < n_in, m < p
@@ -154,18 +159,13 @@ _VIT_CLASSES: dict[type, type] = {}
 
 
 def _patched_vit_class(base: type) -> type:
-    """The subclass of a VisionTransformer class that resets token state per forward and pools by size."""
+    """The subclass of a VisionTransformer class that pools by token size."""
     if base in _VIT_CLASSES:
         return _VIT_CLASSES[base]
 
     class TclVisionTransformer(base):  # type: ignore[valid-type, misc]
-        """The model's own class, except that forward_features first resets the per-forward token state (sizes,
-        sources) and pool makes 'avg' / 'avgmax' pooling size-weighted ('map' attention pooling ignores sizes)."""
-
-        def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            """Reset sizes / sources, then the base forward_features."""
-            self._tcl_info.update(size=None, source=None)
-            return super().forward_features(x, *args, **kwargs)
+        """The model's own class, except that pool makes 'avg' / 'avgmax' pooling weighted by the token sizes of the
+        last forward ('map' attention pooling ignores sizes); block 0 resets sizes / sources at every forward."""
 
         def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
             """Base pooling, with average pooling weighted by token sizes."""
@@ -216,13 +216,14 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (Block, TclBlock) or type(blk.attn) not in (Attention, TclAttention):
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; tcl.patch supports "
-                            "timm's standard Block and Attention (pre-norm ViT/DeiT), not parallel/post-norm/RoPE blocks")
-    unpatch(model)
+                            "timm's standard Block and Attention (pre-norm ViT/DeiT), "
+                            "not parallel/post-norm/RoPE blocks")
     dims = vit_dims(model)
     schedule.check(dims)
     cfg = PatchConfig(merge, fuse, prop_attn, similarity, order, trace_source, dims.prefix,
                       dims.prefix - getattr(model, "num_reg_tokens", 0))
     _check_steps(schedule, cfg, dims.tokens)
+    unpatch(model)
     info: dict[str, Any] = {"schedule": schedule, "config": cfg, "size": None, "source": None,
                             "vit_class": type(model)}
     model.__class__ = _patched_vit_class(type(model))
@@ -255,11 +256,12 @@ def extra_macs(model: nn.Module) -> int:
         raise ValueError("the model is not patched; call tcl.patch(model, schedule) first")
     cfg: PatchConfig = info["config"]
     attn = model.blocks[0].attn
-    qk_dim, metric_dim = attn.num_heads * attn.head_dim, attn.head_dim if cfg.similarity == "keys" else model.embed_dim
+    heads, qk_dim = attn.num_heads, attn.num_heads * attn.head_dim
+    metric_dim = attn.head_dim if cfg.similarity == "keys" else model.embed_dim
     total, n = 0, vit_dims(model).tokens
     for p, m in zip(info["schedule"].prune, info["schedule"].merge):
         if p < n or (m < p and cfg.merge == "attention"):
-            total += max(cfg.readers, 1) * n * qk_dim  # the class-attention row(s) over n keys
+            total += max(cfg.readers, 1) * n * qk_dim * heads  # class-attention rows (block-diagonal GEMM, H x)
         if m < p:
             before = p if cfg.order == "prune_merge" else n
             other = before - cfg.prefix

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
-from .table import BudgetError, LookupTable, TableError, model_info, sort_key
+from .table import BudgetError, LookupTable, TableError, build_table, mac_bin, model_info, read_log, sort_key
 from .utils import write_json
 
 __all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
@@ -124,11 +124,20 @@ def sample_schedule(d: ViTDims, seed: int, index: int, min_fraction: float = 0.2
 
 
 def mutate_schedule(d: ViTDims, parent: Schedule, rng: np.random.Generator, target_macs: float, sigma: float = 0.15,
-                    max_merge: float = 1.0, meta: dict[str, Any] | None = None) -> Schedule:
-    """Perturb 1-3 of the parent's per-step rates by N(0, sigma), then refit all rates to target_macs."""
+                    max_merge: float = 1.0, meta: dict[str, Any] | None = None,
+                    other: Schedule | None = None) -> Schedule:
+    """A child of parent's per-step rates, refit to target_macs: with probability 0.6 perturb 1-3 rates by N(0, sigma),
+    0.2 set one rate to 0 or 1, 0.2 take each block's rates from parent or `other` (crossover; parent if None)."""
     r = np.array(rates_of(d, parent))
-    idx = rng.choice(len(r), size=int(rng.integers(1, 4)), replace=False)
-    r[idx] = np.clip(r[idx] + rng.normal(0.0, sigma, len(idx)), 0.0, 1.0)
+    u = rng.uniform()
+    if u < 0.6:
+        idx = rng.choice(len(r), size=int(rng.integers(1, 4)), replace=False)
+        r[idx] = np.clip(r[idx] + rng.normal(0.0, sigma, len(idx)), 0.0, 1.0)
+    elif u < 0.8:
+        r[int(rng.integers(len(r)))] = float(rng.integers(2))
+    elif other is not None:
+        take = np.repeat(rng.uniform(size=d.depth) < 0.5, 2)
+        r = np.where(take, np.array(rates_of(d, other)), r)
     return fit_rates(d, r.tolist(), target_macs, max_merge, meta)
 
 
@@ -180,6 +189,9 @@ class ReferenceScorer:
     def __init__(self, model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor],
                  apply: Apply | None = None, batch_size: int = 1000, order_seed: int = 0, cache_images: int = 512,
                  info: dict[str, Any] | None = None, **patch_kwargs: Any):
+        if getattr(model, "_tcl_info", None) is not None:
+            raise SearchError("the model is patched; call tcl.unpatch(model) first (scores compare against the "
+                              "uncompressed model's predictions)")
         x, y = _tensors(data)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(order_seed))
         self.model, self.x, self.y, self.batch_size = model.eval(), x[perm], y[perm], batch_size
@@ -227,11 +239,7 @@ class ReferenceScorer:
 
     def _start(self, s: Schedule) -> int:
         """The first block that removes tokens (the ones before it equal the uncompressed model's)."""
-        n = self.dims.tokens
-        for i, (p, m) in enumerate(zip(s.prune, s.merge)):
-            if m < n:
-                return i
-        return len(s)
+        return next((i for i, m in enumerate(s.merge) if m < self.dims.tokens), len(s))
 
     def _cache_agrees(self) -> bool:
         d, k = self.dims, self.dims.depth // 2
@@ -278,10 +286,10 @@ class SearchConfig:
     max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for bipartite merge)
     rank_by: str = "kl"  # subset score that promotes candidates to the full split
     select_by: str = "acc"  # full-split score that picks each bin's table entry
-    init: int = 1000  # evolve: random candidates before the first round
-    round_size: int = 250  # evolve: children per round (a sync point when distributed)
+    init: int = 500  # evolve: random candidates before the first round
+    round_size: int = 100  # evolve: children per round (a sync point when distributed)
     sigma: float = 0.15  # evolve: std of the rate perturbation
-    elite: int = 3  # evolve: parent drawn from the best `elite` of the target bin
+    elite: int = 3  # evolve: parents drawn from the `elite` Pareto-front candidates nearest the target MACs
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "evolve"):
@@ -290,28 +298,6 @@ class SearchConfig:
             raise SearchError(f"need 0 < min_fraction < max_fraction <= 1, got {self.min_fraction}, {self.max_fraction}")
         if self.candidates < 1 or self.subset < 1 or self.topk < 1:
             raise SearchError("candidates, subset and topk must be >= 1")
-
-
-def _bin(rec: dict[str, Any], full: int, width: float) -> int:
-    return int(rec["macs"] / full / width + 1e-9)
-
-
-def read_log(out_dir: str | os.PathLike) -> dict[tuple[str, int], dict[str, Any]]:
-    """All records of a search folder's log shards (log.*.jsonl), keyed by (stage, id); a truncated last line is skipped."""
-    records: dict[tuple[str, int], dict[str, Any]] = {}
-    for path in sorted(Path(out_dir).glob("log.*.jsonl")):
-        lines = path.read_bytes().split(b"\n")
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                if i == len(lines) - 1:  # unterminated last line: the writer was killed mid-line
-                    continue
-                raise SearchError(f"{path}:{i + 1} is corrupt ({err}); delete that line or start a new out dir") from err
-            records.setdefault((rec["stage"], rec["id"]), rec)
-    return records
 
 
 class _Log:
@@ -397,25 +383,26 @@ class _Run:
         return sample_schedule(self.d, c.seed, i, c.min_fraction, c.max_fraction, c.max_merge)
 
     def children(self, start: int, stop: int, round_: int) -> dict[int, Schedule]:
-        """Evolve round: mutate an elite parent of a random target bin, refit into that bin (deterministic)."""
+        """Evolve round: for a random target bin, mutate one of the `elite` Pareto-front candidates nearest to it in
+        MACs (front: no cheaper candidate scores better) and refit the child into that bin; deterministic."""
         c = self.cfg
         rng = np.random.default_rng([c.seed, 1, round_])
         pop = self.stage("subset", below=start)
-        by_bin: dict[int, list[dict[str, Any]]] = {}
-        for r in pop:
-            by_bin.setdefault(_bin(r, self.full, c.bin_width), []).append(r)
-        for rs in by_bin.values():
-            rs.sort(key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))
+        front, best = [], math.inf
+        for r in sorted(pop, key=lambda r: (r["macs"], sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"])):
+            if sort_key(c.rank_by, r["scores"][c.rank_by]) < best:
+                front.append(r)
+                best = sort_key(c.rank_by, r["scores"][c.rank_by])
         seen = {(tuple(r["schedule"]["prune"]), tuple(r["schedule"]["merge"])) for r in pop}
         lo, hi = int(c.min_fraction / c.bin_width), max(int(math.ceil(c.max_fraction / c.bin_width)) - 1, 0)
         out = {}
         for i in range(start, stop):
-            b = int(rng.integers(lo, hi + 1))
-            near = min(by_bin, key=lambda k: (abs(k - b), k))
-            parent = Schedule.from_dict(by_bin[near][int(rng.integers(0, min(c.elite, len(by_bin[near]))))]["schedule"])
+            target = (int(rng.integers(lo, hi + 1)) + rng.uniform()) * c.bin_width * self.full
+            near = sorted(front, key=lambda r: (abs(r["macs"] - target), r["id"]))[:c.elite]
+            parent, other = (Schedule.from_dict(near[int(k)]["schedule"]) for k in rng.integers(0, len(near), 2))
             for _ in range(10):
-                target = (b + rng.uniform()) * c.bin_width * self.full
-                child = mutate_schedule(self.d, parent, rng, target, c.sigma, c.max_merge, {"kind": "evolve", "id": i})
+                child = mutate_schedule(self.d, parent, rng, target, c.sigma, c.max_merge, {"kind": "evolve", "id": i},
+                                        other)
                 if (child.prune, child.merge) not in seen:
                     break
             seen.add((child.prune, child.merge))
@@ -426,7 +413,7 @@ class _Run:
         """The topk candidates per MACs bin by rank_by, plus the uncompressed model (id -1), by id."""
         c, by_bin = self.cfg, {}
         for r in subset:
-            by_bin.setdefault(_bin(r, self.full, c.bin_width), []).append(r)
+            by_bin.setdefault(mac_bin(r, self.full, c.bin_width), []).append(r)
         keep = [r for rs in by_bin.values()
                 for r in sorted(rs, key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))[:c.topk]]
         full = Schedule([self.d.tokens] * self.d.depth, [self.d.tokens] * self.d.depth, {"kind": "full"})
@@ -452,20 +439,6 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], rank: int, world: i
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: SearchConfig,
-                data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> LookupTable:
-    """The LookupTable of full-split records: the best per MACs bin by cfg.select_by."""
-    best: dict[int, dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: r["id"]):
-        b = _bin(r, model["macs"], cfg.bin_width)
-        if b not in best or sort_key(cfg.select_by, r["scores"][cfg.select_by]) < sort_key(
-                cfg.select_by, best[b]["scores"][cfg.select_by]):
-            best[b] = r
-    entries = [{"id": r["id"], "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
-                "schedule": r["schedule"]} for r in best.values()]
-    return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)
 
 
 def _invocation(out: Path | None, run: "_Run", t0: float) -> None:
@@ -525,11 +498,11 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
         for e in evaluations:
             subset = run.stage("subset", below=e)
             for b in budgets:
-                top = run.promote([r for r in subset if round(b / w) - window <= _bin(r, run.full, w) < round(b / w)])
+                top = run.promote([r for r in subset if round(b / w) - window <= mac_bin(r, run.full, w) < round(b / w)])
                 top.pop(-1)
-                run.evaluate("full", list(top), top.__getitem__, scorer.size, f"E={e} budget={b}")
                 if not top:
                     raise BudgetError(f"no candidate among the first {e} lies within {window} bins under budget {b}")
+                run.evaluate("full", list(top), top.__getitem__, scorer.size, f"E={e} budget={b}")
                 best = min((run.records[("full", i)] for i in top),
                            key=lambda r: (sort_key(cfg.select_by, r["scores"][cfg.select_by]), r["id"]))
                 rows.append({"method": cfg.method, "rank_by": cfg.rank_by, "select_by": cfg.select_by,

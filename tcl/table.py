@@ -8,11 +8,11 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from .schedule import Schedule, ScheduleError, ViTDims, macs, vit_dims
+from .schedule import Schedule, ScheduleError, macs, vit_dims
 from .utils import write_json
 
 TABLE_FORMAT = "tcl.lookup_table"
@@ -180,6 +180,39 @@ class LookupTable:
         return cls.from_dict(d, model)
 
 
-def dims_of(model: torch.nn.Module | ViTDims) -> ViTDims:
-    """ViTDims of a model (or pass-through)."""
-    return model if isinstance(model, ViTDims) else vit_dims(model)
+# ---- from search logs to tables -------------------------------------------------------------------------------
+def mac_bin(rec: dict[str, Any], full: int, width: float) -> int:
+    """Index of the MACs bin (width = fraction of full MACs) a log record falls in."""
+    return int(rec["macs"] / full / width + 1e-9)
+
+
+def read_log(out_dir: str | os.PathLike) -> dict[tuple[str, int], dict[str, Any]]:
+    """All records of a search folder's log shards (log.*.jsonl), keyed by (stage, id); a truncated last line is skipped."""
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in sorted(Path(out_dir).glob("log.*.jsonl")):
+        lines = path.read_bytes().split(b"\n")
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:  # unterminated last line: the writer was killed mid-line
+                    continue
+                raise TableError(f"{path}:{i + 1} is corrupt ({err}); delete that line or start a new out dir") from err
+            records.setdefault((rec["stage"], rec["id"]), rec)
+    return records
+
+
+def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: Any,
+                data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> LookupTable:
+    """The LookupTable of full-split records: the best per MACs bin (cfg.bin_width) by cfg.select_by."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in sorted(records, key=lambda r: r["id"]):
+        b = mac_bin(r, model["macs"], cfg.bin_width)
+        if b not in best or sort_key(cfg.select_by, r["scores"][cfg.select_by]) < sort_key(
+                cfg.select_by, best[b]["scores"][cfg.select_by]):
+            best[b] = r
+    entries = [{"id": r["id"], "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
+                "schedule": r["schedule"]} for r in best.values()]
+    return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)

@@ -27,17 +27,14 @@ def _flat(idx: Tensor, n: int) -> Tensor:
     return (idx + n * torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)).reshape(-1)
 
 
+def _rows(t: Tensor, flat: Tensor, k: int) -> Tensor:
+    """The rows of t [B, N, ...] at flat indices into its [B * N] token axis, as [B, k, ...]."""
+    return t.reshape(-1, *t.shape[2:]).index_select(0, flat).view(t.shape[0], k, *t.shape[2:])
+
+
 def take(t: Tensor, idx: Tensor) -> Tensor:
     """Rows idx[b] of t[b] for every batch row: [B, N, ...] and [B, K] -> [B, K, ...]."""
-    b, n = t.shape[:2]
-    return t.reshape(b * n, *t.shape[2:]).index_select(0, _flat(idx, n)).view(b, idx.shape[1], *t.shape[2:])
-
-
-def _add_rows(out: Tensor, pos: Tensor, rows: Tensor) -> Tensor:
-    """out[b, pos[b, i]] += rows[b, i], in place (out must be a fresh contiguous tensor); returns out."""
-    b, m = out.shape[:2]
-    out.view(b * m, *out.shape[2:]).index_add_(0, _flat(pos, m), rows.reshape(-1, *out.shape[2:]))
-    return out
+    return _rows(t, _flat(idx, t.shape[1]), idx.shape[1])
 
 
 def identity(t: Tensor, w: Tensor | None = None) -> Tensor:
@@ -45,21 +42,38 @@ def identity(t: Tensor, w: Tensor | None = None) -> Tensor:
     return t
 
 
-def groups(keep: Tensor, src: Tensor | None = None, dst: Tensor | None = None) -> Reduce:
-    """The Reduce whose output token j is input token keep[:, j] plus each src[:, i] with dst[:, i] == j."""
+def groups(keep: Tensor, src: Tensor | None = None, dst: Tensor | None = None, *, n: int) -> Reduce:
+    """The Reduce from n tokens whose output token j is input keep[:, j] plus each src[:, i] with dst[:, i] == j."""
+    m = keep.shape[1]
+    keep_f = _flat(keep, n)  # flat indices are computed once and serve every tensor the Reduce is applied to
     if src is None or dst is None or src.shape[1] == 0:
-        return lambda t, w=None: take(t, keep)
+        return lambda t, w=None: _rows(t, keep_f, m)
+    r, src_f, dst_f = src.shape[1], _flat(src, n), _flat(dst, m)
+
+    def add(out: Tensor, rows: Tensor) -> Tensor:  # out[b, dst[b, i]] += rows[b, i], in place on a fresh out
+        out.view(-1, *out.shape[2:]).index_add_(0, dst_f, rows.reshape(-1, *out.shape[2:]))
+        return out
 
     def reduce(t: Tensor, w: Tensor | None = None) -> Tensor:
-        out, ts = take(t, keep), take(t, src)
+        out, ts = _rows(t, keep_f, m), _rows(t, src_f, r)
         if w is None:
-            return _add_rows(out, dst, ts)
-        ws = take(w, src)
-        total = _add_rows(take(w, keep), dst, ws)
+            return add(out, ts)
+        ws = _rows(w, src_f, r)
+        total = add(_rows(w, keep_f, m), ws)
         # x_d + sum_s w_s (x_s - x_d) / W_d  ==  (w_d x_d + sum_s w_s x_s) / W_d, exact for untouched tokens
-        return _add_rows(out, dst, ws / take(total, dst) * (ts - take(out, dst)))
+        return add(out, ws / _rows(total, dst_f, r) * (ts - _rows(out, dst_f, r)))
 
     return reduce
+
+
+def head_sum(metric: Tensor) -> Tensor:
+    """A per-head metric [B, N, H, D] (keys) summed over heads, the head mean up to scale; [B, N, D] as it is."""
+    if metric.dim() == 3 or metric.shape[2] == 1:
+        return metric if metric.dim() == 3 else metric[:, :, 0]
+    out = metric[:, :, 0] + metric[:, :, 1]
+    for h in range(2, metric.shape[2]):  # strided adds beat one reduction over the strided head axis
+        out += metric[:, :, h]
+    return out
 
 
 def _prefix_idx(batch: int, prefix: int, device: torch.device) -> Tensor:
@@ -74,7 +88,8 @@ def _check_keep(keep: int, prefix: int, n: int) -> None:
 def prune_merge(importance: Tensor, metric: Tensor | None, prune_keep: int, merge_keep: int, prefix: int) -> Reduce:
     """In one pass: keep the prefix and the top-(prune_keep - prefix) tokens by importance [B, N], then merge the
     lowest-importance of those beyond merge_keep each into its most cosine-similar (by metric [B, N, D]) token
-    among the (merge_keep - prefix) highest; kept tokens come in descending importance."""
+    among the (merge_keep - prefix) highest; kept tokens come in descending importance when anything merges.
+    A per-head metric [B, N, H, D] (keys) is summed over heads, i.e. compared by its head mean."""
     batch, n = importance.shape
     _check_keep(merge_keep, prefix, n)
     if merge_keep > prune_keep:
@@ -83,20 +98,22 @@ def prune_merge(importance: Tensor, metric: Tensor | None, prune_keep: int, merg
     if merge_keep >= n:
         return identity
     head = _prefix_idx(batch, prefix, importance.device)
-    order = importance[:, prefix:].topk(prune_keep - prefix, dim=1).indices + prefix
+    order = importance[:, prefix:].topk(prune_keep - prefix, dim=1, sorted=merge_keep < prune_keep).indices + prefix
     if merge_keep == prune_keep:
-        return groups(torch.cat([head, order], 1))
+        return groups(torch.cat([head, order], 1), n=n)
     if merge_keep == prefix or metric is None:
         raise ValueError(f"merging down to {merge_keep} tokens needs a metric and a destination besides the "
                          f"{prefix} protected ones; pass metric and keep at least {prefix + 1}")
     dst_pool, src = order[:, :merge_keep - prefix], order[:, merge_keep - prefix:]
-    sim = F.normalize(take(metric, src), dim=-1) @ F.normalize(take(metric, dst_pool), dim=-1).transpose(1, 2)
-    return groups(torch.cat([head, dst_pool], 1), src, sim.argmax(dim=-1) + prefix)
+    dst_metric, src_metric = head_sum(take(metric, dst_pool)), head_sum(take(metric, src))
+    # cosine similarity up to each source's own (positive) norm, which does not change its argmax
+    sim = src_metric @ dst_metric.transpose(1, 2) / dst_metric.norm(dim=-1).clamp_min(1e-12).unsqueeze(1)
+    return groups(torch.cat([head, dst_pool], 1), src, sim.argmax(dim=-1) + prefix, n=n)
 
 
 def prune(importance: Tensor, keep: int, prefix: int, fuse: bool = False) -> Reduce:
-    """Keep the prefix and the top-(keep - prefix) other tokens by importance [B, N], in descending order; with
-    fuse, the last of the `keep` slots is one token holding every pruned token (use w = importance for EViT)."""
+    """Keep the prefix and the top-(keep - prefix) other tokens by importance [B, N] (in no set order); with fuse,
+    the last of the `keep` slots is one token holding every pruned token (use w = importance for EViT)."""
     batch, n = importance.shape
     _check_keep(keep, prefix, n)
     if not (fuse and prefix < keep < n):
@@ -104,7 +121,7 @@ def prune(importance: Tensor, keep: int, prefix: int, fuse: bool = False) -> Red
     order = importance[:, prefix:].argsort(dim=1, descending=True) + prefix
     src = order[:, keep - prefix:]  # order[:, keep - prefix - 1] is the pruned token the others fuse into
     return groups(torch.cat([_prefix_idx(batch, prefix, order.device), order[:, :keep - prefix]], 1), src,
-                  torch.full_like(src, keep - 1))
+                  torch.full_like(src, keep - 1), n=n)
 
 
 def attention_merge(importance: Tensor, metric: Tensor, keep: int, prefix: int) -> Reduce:
@@ -115,14 +132,15 @@ def attention_merge(importance: Tensor, metric: Tensor, keep: int, prefix: int) 
 
 def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
     """ToMe: split the non-prefix tokens alternately into A (even) and B (odd), merge the r tokens of A most
-    cosine-similar to B each into its best match; output [prefix, unmerged A in order, B in order]."""
-    batch, n, _ = metric.shape
+    cosine-similar to B each into its best match (metric [B, N, D], or [B, N, H, D] summed over heads); output
+    [prefix, unmerged A in order, B in order]."""
+    batch, n = metric.shape[:2]
     if not 0 <= r <= (n - prefix) // 2:
         raise ValueError(f"bipartite merge removes at most half of the {n - prefix} non-protected tokens, "
                          f"asked for r={r}; use fewer merges or merge='attention'")
     if r == 0:
         return identity
-    m = F.normalize(metric[:, prefix:], dim=-1)
+    m = F.normalize(head_sum(metric[:, prefix:]), dim=-1)
     a, b = m[:, ::2], m[:, 1::2]
     best, match = (a @ b.transpose(1, 2)).max(dim=-1)
     rank = best.argsort(dim=1, descending=True)
@@ -131,7 +149,7 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
     b_idx = (prefix + 1 + 2 * torch.arange(b.shape[1], device=dev)).expand(batch, -1)
     keep = torch.cat([_prefix_idx(batch, prefix, dev), prefix + 2 * unmerged_a, b_idx], 1)
     dst = prefix + unmerged_a.shape[1] + match.gather(1, src_a)
-    return groups(keep, prefix + 2 * src_a, dst)
+    return groups(keep, prefix + 2 * src_a, dst, n=n)
 
 
 def merge_wavg(f: Reduce, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -159,7 +177,14 @@ def cls_attention(q: Tensor, k: Tensor, scale: float, readers: int, size: Tensor
         qr = q.mean(dim=2, keepdim=True)
     else:
         qr = (q * size.unsqueeze(1)).sum(dim=2, keepdim=True) / size.sum(dim=1).view(-1, 1, 1, 1)
-    logits = (qr * scale) @ k.transpose(-2, -1)
+    b, h, n, d = k.shape
+    r = qr.shape[2]
+    # one GEMM of the block-diagonal [H*R, H*d] matrix of the scaled queries against k as [B, N, H*d] (a view of
+    # the qkv output; a [B*H]-batched matmul would copy k): H x the needed MACs (N*C*H*R), no copy of k
+    eye = torch.eye(h, dtype=q.dtype, device=q.device).view(1, h, 1, h, 1)
+    qd = (eye * (qr * scale).unsqueeze(3)).reshape(b, h * r, h * d)
+    logits = torch.bmm(qd, k.transpose(1, 2).reshape(b, n, h * d).transpose(1, 2)).view(b, h, r, n)
     if size is not None:
         logits = logits + size_bias(size)
-    return logits.softmax(dim=-1).mean(dim=2)
+    attn = logits.softmax(dim=-1)
+    return attn.squeeze(2) if attn.shape[2] == 1 else attn.mean(dim=2)

@@ -187,7 +187,12 @@ def test_modules_compose_and_union() -> None:
     with torch.no_grad():
         logits = model(x)
         p = logits.softmax(-1)[:, 2]
-        assert torch.allclose(mods[1](x).softmax(-1), torch.stack([1 - p, p], -1), atol=1e-6)
+        assert torch.allclose(mods[1].score(x).sigmoid(), p, atol=1e-6)  # log-odds of the softmax
+        assert torch.equal(mods[1](x).argmax(-1) == 1, logits.argmax(-1) == 2)  # top-1 rule, as for the original
+        assert torch.equal(mods[1].predict(x), logits.argmax(-1) == 2)
+        mods[1].threshold = 0.0
+        assert torch.equal(mods[1].predict(x), p > 0.5)
+        mods[1].threshold = None
     composed = heads.compose(mods, calibration="none")
     ref = heads.restricted(model, [0, 2, 4])
     assert torch.equal(heads.scores(composed, (x, y))[0].argmax(-1), heads.scores(ref, (x, y))[0].argmax(-1))
@@ -209,9 +214,11 @@ def test_decompose_every_method_and_report() -> None:
         mod = heads.decompose_class(model, data, 1, 4, method, cfg=cfg, progress=False)
         assert int(mod.mask.sum()) == 4 and heads.head_counts(mod) == mod.mask.sum(1).tolist()
         assert mod.info["method"] == method and mod.info["seconds"] >= 0
-    rec = heads.module_report(mod, model, data)
+    assert mod.threshold is not None  # calibrated on data
+    rec = heads.module_report(mod, model, data, ref_threshold=heads.reference_threshold(model, data, 1))
     assert rec["heads_kept"] == 4 and rec["macs"] < rec["original_macs"] and 0 <= rec["module_f1"] <= 1
-    best, recs = heads.search_keep(model, data, data, 1, [8, 6], "taylor", tolerance=1.0, cfg=cfg, progress=False)
+    assert 0.5 <= rec["original_calibrated_balanced_accuracy"] <= 1 and 0 <= rec["module_auc"] <= 1
+    best, recs = heads.search_keep(model, data, 1, [8, 6], "taylor", tolerance=1.0, cfg=cfg, progress=False)
     assert [r["heads_kept"] for r in recs] == [8, 6] and best is not None
 
 
@@ -221,6 +228,9 @@ def test_metrics() -> None:
     m = heads.binary_metrics(pred, truth)
     assert m["tpr"] == pytest.approx(2 / 3) and m["tnr"] == pytest.approx(2 / 3)
     assert m["balanced_accuracy"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    z = torch.tensor([0.1, 0.4, 0.35, 0.8, 0.9, -0.2])
+    t = heads.best_threshold(z, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool))
+    assert 0.1 < t < 0.35 and heads.binary_metrics(z > t, torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.bool))["tnr"] == 2 / 3
     assert heads.auc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1], dtype=torch.bool)) == 0.75
     assert heads.auc(torch.tensor([1.0, 1.0]), torch.tensor([0, 1], dtype=torch.bool)) == 0.5
     a = torch.tensor([[[1, 1], [0, 0]], [[1, 0], [1, 0]]], dtype=torch.bool)

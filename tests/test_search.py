@@ -176,6 +176,9 @@ def test_reference_scorer_cache_is_exact():
     for s in (Schedule([17, 9, 5], [17, 5, 5]), Schedule([17, 12, 8], [17, 10, 4])):  # first reduction in block 1
         c, p = cached(s, 32), plain(s, 32)
         assert c["agree"] == p["agree"] and c["kl"] == pytest.approx(p["kl"], abs=1e-6) and c["kl"] > 0
+    tcl_patch.patch(m, Schedule([17, 9, 5], [17, 5, 5]))
+    with pytest.raises(SearchError, match="call tcl.unpatch"):
+        search.ReferenceScorer(m, (x, y))
 
 
 def _tiny_cli(tmp_path: Path, out: str, candidates: int) -> list[str]:
@@ -224,4 +227,5 @@ def test_killed_cli_run_resumes_to_the_same_table(tmp_path):
     done = log.read_bytes().count(b"\n")
     resumed = _main(_tiny_cli(tmp_path, "run", 300))
     assert resumed.to_dict() == ref.to_dict()
-    assert 20 <= done < 300 and json.loads((tmp_path / "run" / "invocations.jsonl").read_text())["evaluated"] < 330 - 20
+    evaluated = json.loads((tmp_path / "run" / "invocations.jsonl").read_text())["evaluated"]
+    assert 20 <= done < 300 and evaluated == 300 - done + resumed.search["evaluations_full"]  # only what was missing

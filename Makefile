@@ -30,7 +30,7 @@ data: setup
 # pytest over tests/ plus nbval over every notebook (default = embedded CPU parameters).
 # Figures from test runs go to runs/test-figures so the committed figures/ stay those of `make reproduce`.
 test: data
-	TCL_FIGURES=runs/test-figures $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax -q --durations=15
+	TCL_FIGURES=$(CURDIR)/runs/test-figures $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax -q --durations=15
 
 # Execute every notebook with papermill into runs/ (CONFIG=full uses configs/<notebook>.full.yaml where present).
 reproduce: data

@@ -152,3 +152,18 @@ def test_macs_rejects_non_vit():
         macs(torch.nn.Linear(2, 2))
     with pytest.raises(tcl.ScheduleError, match="blocks"):
         macs(models.build_reference(), Schedule([50], [50]))
+
+
+def test_compare_matches_patched_accuracy_and_leaves_model_unpatched():
+    m = models.build_reference(depth=2).eval()
+    ds = torch.utils.data.TensorDataset(torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,)))
+    s = Schedule.tome(m, 4)
+    recs = {r["method"]: r for r in evaluate.compare(m, {"base": (None, {}), "tome": (s, {"merge": "bipartite"})},
+                                                      ds, batch_size=8, runs=1, progress=False)}
+    assert recs["base"]["speedup"] == 1.0 and recs["base"]["agreement"] == 1.0
+    assert recs["tome"]["macs"] == macs(m, s) and recs["tome"]["macs_ratio"] == macs(m) / macs(m, s)
+    tcl.patch(m, s, merge="bipartite")
+    expected = evaluate.accuracy(m, ds, progress=False)
+    tcl.unpatch(m)
+    assert recs["tome"]["accuracy"] == pytest.approx(expected)
+    assert not hasattr(m, "_tcl_info")

@@ -172,11 +172,13 @@ def balance_weights(is_pos: torch.Tensor) -> torch.Tensor:
     return torch.where(is_pos, 0.5 / n_pos, 0.5 / n_neg)
 
 
-def vs_rest_loss(logits: torch.Tensor, labels: torch.Tensor, target: Sequence[int],
-                 per_example: bool = False) -> torch.Tensor:
-    """Class-balanced binary cross-entropy of the log-odds z against y in target (per-example, unweighted, if asked)."""
+def vs_rest_loss(logits: torch.Tensor, labels: torch.Tensor, target: Sequence[int], per_example: bool = False,
+                 soft: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-balanced binary cross-entropy of the log-odds z against y in target, or against soft targets (e.g. the
+    original model's p(target), to distil); per-example and unweighted if asked."""
     is_pos = torch.isin(labels, torch.tensor(list(target), device=labels.device))
-    loss = F.binary_cross_entropy_with_logits(log_odds(logits, target), is_pos.to(logits.dtype), reduction="none")
+    goal = soft if soft is not None else is_pos.to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(log_odds(logits, target), goal, reduction="none")
     return loss if per_example else (loss * balance_weights(is_pos)).sum()
 
 
@@ -216,7 +218,9 @@ class ResetConfig:
     reaches 0 in a known number of steps; "unit" = g / sqrt(g^2 + eps^2), ResRep's group-Lasso gradient g/|g| for a
     scalar group, smoothed at 0 so it does not chatter there; "l2" = g (exponential decay, never exactly 0).
     Mask schedule: after warmup*steps, in `updates` equal stages ending at ramp*steps, the kept heads with the
-    lowest criterion (|gate|, or an EMA of the Taylor score |g * dL/dg|) get m=0 until `keep` heads remain.
+    lowest criterion get m=0 until `keep` heads remain: "gate" |g|; "taylor" an EMA of |g * dL/dg|; "fisher" the
+    Fisher saliency g^2 * sum_x w_x (dL_x/dg)^2 of the current gated model on `probe` held-out images.
+    Objective: "labels" = c-vs-rest BCE against the labels; "distill" = against the original model's p(target).
     """
 
     steps: int = 200
@@ -229,7 +233,9 @@ class ResetConfig:
     warmup: float = 0.1
     ramp: float = 0.6
     updates: int = 8
-    criterion: Literal["gate", "taylor"] = "gate"
+    criterion: Literal["gate", "taylor", "fisher"] = "gate"
+    probe: int = 256
+    objective: Literal["labels", "distill"] = "labels"
     train_weights: bool = False
     weights_lr: float = 1e-4
     seed: int = 0
@@ -281,12 +287,12 @@ def keep_mask(scores: torch.Tensor, keep: int, allow_empty_blocks: bool = False,
     return mask
 
 
-def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               target: Sequence[int], mask: torch.Tensor, cfg: ResetConfig) -> dict[str, Any]:
+def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, target: Sequence[int],
+               mask: torch.Tensor, cfg: ResetConfig, soft: torch.Tensor | None = None) -> dict[str, Any]:
     """One step: loss.backward(); gate grad <- m * objective grad + lam * P(g); opt.step(). Returns loss and grads."""
     params = gate_params(model)
     opt.zero_grad(set_to_none=True)
-    loss = vs_rest_loss(model(x), y, target)
+    loss = vs_rest_loss(model(x), y, target, soft=soft)
     loss.backward()
     objective = torch.stack([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
     with torch.no_grad():
@@ -294,6 +300,16 @@ def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
             p.grad = p.grad * m.to(p.dtype) + penalty_grad(p.detach(), cfg)  # type: ignore[operator]
     opt.step()
     return {"loss": loss.item(), "objective_grad": objective}
+
+
+@torch.no_grad()
+def _teacher(model: nn.Module, x: torch.Tensor, target: Sequence[int], batch_size: int = 256) -> torch.Tensor:
+    """p(target) of the original model (all gates at 1) on x, for the distillation objective."""
+    now = gates(model)
+    set_gates(model, torch.ones_like(now))
+    p = torch.cat([log_odds(model(x[s:s + batch_size]), target).sigmoid() for s in range(0, len(x), batch_size)])
+    set_gates(model, now)
+    return p
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -344,6 +360,7 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
         opt.load_state_dict(state["opt"])
         mask, ema, history, start = state["mask"], state["ema"], state["history"], state["step"]
     model.eval()  # no dropout / drop-path: the gates are fitted to the inference-time network
+    teacher = _teacher(model, x_all, tgt) if cfg.objective == "distill" else None
     n_forget = mask.numel() - keep
     for step in tqdm(range(start, cfg.steps), desc=f"reset {list(tgt)}", disable=not progress, leave=False,
                      initial=start, total=cfg.steps):
@@ -352,10 +369,15 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
         idx = torch.cat([pos_idx[torch.randint(len(pos_idx), (half,), generator=g)],
                          neg_idx[torch.randint(len(neg_idx), (cfg.batch_size - half,), generator=g)]])
         before = gates(model)
-        out = reset_step(model, opt, x_all[idx], y_all[idx], tgt, mask, cfg)
+        out = reset_step(model, opt, x_all[idx], y_all[idx], tgt, mask, cfg, None if teacher is None else teacher[idx])
         ema = 0.9 * ema + 0.1 * (before * out["objective_grad"]).abs()
         if fixed_mask is None and (want := forgotten_at(step, n_forget, cfg)) > mask.numel() - int(mask.sum()):
             crit = gates(model).abs() if cfg.criterion == "gate" else ema
+            if cfg.criterion == "fisher":
+                sel = torch.cat([pos_idx[torch.randperm(len(pos_idx), generator=g)[:cfg.probe // 2]],
+                                 neg_idx[torch.randperm(len(neg_idx), generator=g)[:cfg.probe // 2]]])
+                fisher = head_importance(model, (x_all[sel], y_all[sel]), [tgt], ["fisher"], progress=False)["fisher"][0]
+                crit = fisher * gates(model).square()
             mask = keep_mask(crit, mask.numel() - want, allow_empty_blocks, current=mask)
         if step % 10 == 0 or step == cfg.steps - 1:
             cur = gates(model).abs()

@@ -1,12 +1,11 @@
 """tcl: token compression and head modularization for Vision Transformers, without fine-tuning."""
-from . import data, evaluate, models, schedule
-from .schedule import Schedule, ScheduleError, macs
-from . import tokens
+from . import data, evaluate, heads, models, modules, schedule, table, tokens
 from .patch import patch, unpatch
+from .schedule import Schedule, ScheduleError, macs
 
 __version__ = "0.1.0"
-__all__ = ["data", "evaluate", "models", "schedule", "Schedule", "ScheduleError", "macs"]
-from . import heads
+__all__ = ["data", "evaluate", "heads", "models", "modules", "schedule", "table", "tokens", "search",
+           "patch", "unpatch", "Schedule", "ScheduleError", "macs"]
 
 
 def __getattr__(name: str):  # tcl.search loads on first use, so `python -m tcl.search` does not import it twice

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 Target = int | Sequence[int]
-SCORERS = ("taylor", "fisher", "michel", "hessian")
+SCORERS = ("taylor", "fisher", "michel", "hessian", "kl")
 
 
 class HeadsError(ValueError):
@@ -218,8 +218,8 @@ class ResetConfig:
     reaches 0 in a known number of steps; "unit" = g / sqrt(g^2 + eps^2), ResRep's group-Lasso gradient g/|g| for a
     scalar group, smoothed at 0 so it does not chatter there; "l2" = g (exponential decay, never exactly 0).
     Mask schedule: after warmup*steps, in `updates` equal stages ending at ramp*steps, the kept heads with the
-    lowest criterion get m=0 until `keep` heads remain: "gate" |g|; "taylor" an EMA of |g * dL/dg|; "fisher" the
-    Fisher saliency g^2 * sum_x w_x (dL_x/dg)^2 of the current gated model on `probe` held-out images.
+    lowest criterion get m=0 until `keep` heads remain: "gate" |g|; "taylor" an EMA of |g * dL/dg|; "fisher" /
+    "kl" the saliencies g^2 * Fisher of head_importance for the current gated model on `probe` held-out images.
     Objective: "labels" = c-vs-rest BCE against the labels; "distill" = against the original model's p(target).
     """
 
@@ -233,7 +233,7 @@ class ResetConfig:
     warmup: float = 0.1
     ramp: float = 0.6
     updates: int = 8
-    criterion: Literal["gate", "taylor", "fisher"] = "gate"
+    criterion: Literal["gate", "taylor", "fisher", "kl"] = "gate"
     probe: int = 256
     objective: Literal["labels", "distill"] = "labels"
     train_weights: bool = False
@@ -349,6 +349,8 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
     mask = torch.ones(shape, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone().bool()
     ema, history, start, t0 = torch.zeros(shape), [], 0, time.perf_counter()
     run = {"target": tgt, "keep": keep, "cfg": asdict(cfg), "fixed": None if fixed_mask is None else fixed_mask.tolist()}
+    model.eval()  # no dropout / drop-path: the gates are fitted to the inference-time network
+    teacher = _teacher(model, x_all, tgt) if cfg.objective == "distill" else None
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         state = torch.load(path, weights_only=False)
@@ -359,8 +361,6 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
             model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         mask, ema, history, start = state["mask"], state["ema"], state["history"], state["step"]
-    model.eval()  # no dropout / drop-path: the gates are fitted to the inference-time network
-    teacher = _teacher(model, x_all, tgt) if cfg.objective == "distill" else None
     n_forget = mask.numel() - keep
     for step in tqdm(range(start, cfg.steps), desc=f"reset {list(tgt)}", disable=not progress, leave=False,
                      initial=start, total=cfg.steps):
@@ -373,11 +373,12 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
         ema = 0.9 * ema + 0.1 * (before * out["objective_grad"]).abs()
         if fixed_mask is None and (want := forgotten_at(step, n_forget, cfg)) > mask.numel() - int(mask.sum()):
             crit = gates(model).abs() if cfg.criterion == "gate" else ema
-            if cfg.criterion == "fisher":
+            if cfg.criterion in ("fisher", "kl"):
                 sel = torch.cat([pos_idx[torch.randperm(len(pos_idx), generator=g)[:cfg.probe // 2]],
                                  neg_idx[torch.randperm(len(neg_idx), generator=g)[:cfg.probe // 2]]])
-                fisher = head_importance(model, (x_all[sel], y_all[sel]), [tgt], ["fisher"], progress=False)["fisher"][0]
-                crit = fisher * gates(model).square()
+                crit = head_importance(model, (x_all[sel], y_all[sel]), [tgt], [cfg.criterion],
+                                       progress=False)[cfg.criterion][0]
+                crit = crit * gates(model).square() if cfg.criterion == "fisher" else crit
             mask = keep_mask(crit, mask.numel() - want, allow_empty_blocks, current=mask)
         if step % 10 == 0 or step == cfg.steps - 1:
             cur = gates(model).abs()
@@ -416,7 +417,9 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
                     seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
     """Per-target head importance on `data` (held-out split), each [len(targets), blocks, heads], class-balanced:
     taylor |g * dL/dg|; fisher sum_x w_x (dL_x/dg)^2 (Kwon); michel sum_x w_x |dL_x/dg| (Michel); hessian the
-    OBD saliency g^2 H_gg / 2 with diag(H) by Hutchinson (Rademacher v, Hv by double backward); 'hessian_diag' too."""
+    OBD saliency g^2 H_gg / 2 with diag(H) by Hutchinson (Rademacher v, Hv by double backward; 'hessian_diag' too);
+    kl = g^2/2 * sum_x w_x p_x (1 - p_x) (dz_x/dg)^2, the model's own (label-free) Fisher of its c-vs-rest output:
+    the second-order estimate of the KL between its output with and without the head."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from tqdm.auto import tqdm
 
@@ -428,7 +431,7 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
     x_all, y_all = tensors(data, limit)
     w = torch.stack([balance_weights(torch.isin(y_all, torch.tensor(t))) for t in tgts])  # [T, n]
     shape, g0 = num_heads(model), gates(model)
-    first, fisher, michel = (torch.zeros(len(tgts), *shape) for _ in range(3))
+    first, fisher, michel, kl = (torch.zeros(len(tgts), *shape) for _ in range(4))
     hdiag = torch.zeros(len(tgts), *shape)
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -437,16 +440,19 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
     gen = torch.Generator().manual_seed(seed)
     for s in tqdm(range(0, len(x_all), batch_size), desc="importance", disable=not progress, leave=False):
         x, y = x_all[s:s + batch_size], y_all[s:s + batch_size]
-        if {"taylor", "fisher", "michel"} & set(methods):
+        if {"taylor", "fisher", "michel", "kl"} & set(methods):
             with per_example_gates(model, len(x)) as leaves:
                 logits = model(x)
-                for t, tgt in enumerate(tgts):
-                    loss = vs_rest_loss(logits, y, tgt, per_example=True).sum()
-                    grads = torch.stack(torch.autograd.grad(loss, leaves, retain_graph=t < len(tgts) - 1), 1)
-                    ww = w[t, s:s + batch_size].view(-1, 1, 1)  # grads: [batch, blocks, heads]
+                for t, tgt in enumerate(tgts):  # dz_x/dg per example; dL_x/dg = (p_x - y_x) dz_x/dg for the BCE
+                    z = log_odds(logits, tgt)
+                    jac = torch.stack(torch.autograd.grad(z.sum(), leaves, retain_graph=t < len(tgts) - 1), 1)
+                    p, is_pos = z.detach().sigmoid(), torch.isin(y, torch.tensor(tgt)).to(z.dtype)
+                    ww = w[t, s:s + batch_size].view(-1, 1, 1)
+                    grads = (p - is_pos).view(-1, 1, 1) * jac  # [batch, blocks, heads]
                     first[t] += (ww * grads).sum(0)
                     fisher[t] += (ww * grads.square()).sum(0)
                     michel[t] += (ww * grads.abs()).sum(0)
+                    kl[t] += (ww * (p * (1 - p)).view(-1, 1, 1) * jac.square()).sum(0)
         if "hessian" in methods:
             params = gate_params(model)
             for p in params:
@@ -465,7 +471,7 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
                 p.requires_grad_(False)
     for p, f in zip(model.parameters(), flags):
         p.requires_grad_(f)
-    out = {"taylor": (g0 * first).abs(), "fisher": fisher, "michel": michel,
+    out = {"taylor": (g0 * first).abs(), "fisher": fisher, "michel": michel, "kl": 0.5 * g0.square() * kl,
            "hessian": 0.5 * g0.square() * hdiag, "hessian_diag": hdiag}
     return {k: v for k, v in out.items() if k in methods or (k == "hessian_diag" and "hessian" in methods)}
 

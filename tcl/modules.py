@@ -197,7 +197,7 @@ def random_mask(shape: tuple[int, int], keep: int, seed: int = 0, allow_empty_bl
     return keep_mask(scores, keep, allow_empty_blocks)
 
 
-Method = Literal["reset", "taylor", "fisher", "michel", "hessian", "random"]
+Method = Literal["reset", "taylor", "fisher", "michel", "hessian", "kl", "random"]
 
 
 def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: int, method: Method = "reset",

@@ -146,7 +146,7 @@ def test_scorers_match_their_definitions() -> None:
     model = heads.insert_gates(tiny())
     x, y = batch(12)
     imp = heads.head_importance(model, (x, y), [0, [1, 2]], batch_size=5, probes=1, progress=False)
-    assert all(v.shape == (2, 2, 4) for v in imp.values())
+    assert set(imp) == {*heads.SCORERS, "hessian_diag"} and all(v.shape == (2, 2, 4) for v in imp.values())
     params = heads.gate_params(model)
     for p in params:
         p.requires_grad_(True)
@@ -161,6 +161,10 @@ def test_scorers_match_their_definitions() -> None:
     assert torch.allclose(imp["taylor"][1], full.abs(), atol=1e-6)  # gates are 1
     assert torch.allclose(imp["fisher"][1], (ww * per.square()).sum(0), atol=1e-7)
     assert torch.allclose(imp["michel"][1], (ww * per.abs()).sum(0), atol=1e-6)
+    jac = torch.stack([torch.stack(torch.autograd.grad(heads.log_odds(model(x[i:i + 1]), tgt).sum(), params))
+                       for i in range(len(x))])
+    p = heads.log_odds(model(x), tgt).detach().sigmoid().view(-1, 1, 1)
+    assert torch.allclose(imp["kl"][1], 0.5 * (ww * p * (1 - p) * jac.square()).sum(0), atol=1e-7)
 
 
 def test_hutchinson_estimates_the_hessian_diagonal() -> None:
@@ -210,7 +214,7 @@ def test_modules_compose_and_union() -> None:
 def test_decompose_every_method_and_report() -> None:
     model, data = tiny(), batch(40)
     cfg = heads.ResetConfig(steps=8, batch_size=8)
-    for method in ("reset", "taylor", "fisher", "michel", "random"):
+    for method in ("reset", "taylor", "fisher", "michel", "kl", "random"):
         mod = heads.decompose_class(model, data, 1, 4, method, cfg=cfg, progress=False)
         assert int(mod.mask.sum()) == 4 and heads.head_counts(mod) == mod.mask.sum(1).tolist()
         assert mod.info["method"] == method and mod.info["seconds"] >= 0

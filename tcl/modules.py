@@ -122,7 +122,8 @@ class ClassModule(nn.Module):
     def __init__(self, backbone: VisionTransformer, target: tuple[int, ...], mask: torch.Tensor,
                  info: dict[str, Any] | None = None):
         super().__init__()
-        self.backbone, self.target, self.mask, self.info = backbone, target, mask.bool(), dict(info or {})
+        self.backbone, self.target, self.info = backbone, target, dict(info or {})
+        self.register_buffer("mask", mask.bool())
         self.threshold: float | None = None
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
@@ -395,21 +396,24 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
 def search_keep(model: VisionTransformer, data: Data, target: Target, keeps: Sequence[int], method: Method = "reset",
                 tolerance: float = 0.01, rule: Literal["calibrated", "top1"] = "calibrated", cfg: ResetConfig | None = None,
                 progress: bool = True, **kw: Any) -> tuple[ClassModule | None, list[dict[str, Any]]]:
-    """Smallest keep in `keeps` (tried in decreasing order, stop at the first miss) whose module's balanced accuracy on
-    data (the held-out split; by calibrated thresholds or the top-1 rule) is within tolerance of the original's there.
+    """Smallest keep in `keeps` whose module's balanced accuracy on data (the held-out split; calibrated thresholds or
+    the top-1 rule) is within tolerance of the original's there, by bisection (assumes more heads never hurt).
     Returns (that module or None, one module_report record per keep tried, with 'ok')."""
     ref = scores(model, data)[0]
     thr = reference_threshold(ref, data, target)
     key = "calibrated_balanced_accuracy" if rule == "calibrated" else "balanced_accuracy"
+    ks, lo, hi = sorted(set(keeps)), 0, len(set(keeps))
     best, recs = None, []
-    for keep in sorted(set(keeps), reverse=True):
-        mod = decompose_class(model, data, target, keep, method, cfg, progress=progress, **kw)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        mod = decompose_class(model, data, target, ks[mid], method, cfg, progress=progress, **kw)
         rec = module_report(mod, ref, data, ref_threshold=thr)
         rec["ok"] = rec[f"module_{key}"] >= rec[f"original_{key}"] - tolerance
         recs.append(rec)
-        if not rec["ok"]:
-            break
-        best = mod
+        if rec["ok"]:
+            best, hi = mod, mid
+        else:
+            lo = mid + 1
     return best, recs
 
 

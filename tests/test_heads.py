@@ -222,8 +222,10 @@ def test_decompose_every_method_and_report() -> None:
     rec = heads.module_report(mod, model, data, ref_threshold=heads.reference_threshold(model, data, 1))
     assert rec["heads_kept"] == 4 and rec["macs"] < rec["original_macs"] and 0 <= rec["module_f1"] <= 1
     assert 0.5 <= rec["original_calibrated_balanced_accuracy"] <= 1 and 0 <= rec["module_auc"] <= 1
-    best, recs = heads.search_keep(model, data, 1, [8, 6], "taylor", tolerance=1.0, cfg=cfg, progress=False)
-    assert [r["heads_kept"] for r in recs] == [8, 6] and best is not None
+    best, recs = heads.search_keep(model, data, 1, [8, 6, 3, 4, 5], "taylor", tolerance=1.0, cfg=cfg, progress=False)
+    assert [r["heads_kept"] for r in recs] == [5, 4, 3] and best is not None and int(best.mask.sum()) == 3
+    best, recs = heads.search_keep(model, data, 1, [8, 6, 3, 4, 5], "fisher", tolerance=-1.0, cfg=cfg, progress=False)
+    assert [r["heads_kept"] for r in recs] == [5, 8] and best is None
 
 
 def test_metrics() -> None:

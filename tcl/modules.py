@@ -283,15 +283,22 @@ def scores(model: nn.Module, data: Data, limit: int | None = None, batch_size: i
     return torch.cat([f(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)]), y
 
 
-def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration: Literal["none", "standardize"] = "standardize",
+Calibration = Literal["none", "threshold", "standardize"]
+
+
+def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration: Calibration = "standardize",
             limit: int | None = None) -> ComposedClassifier:
-    """Combine single-class modules into a classifier over their classes; 'standardize' = per-module mean/std of the
-    log-odds over the images of data (held-out split) whose label is one of the classes."""
+    """Combine single-class modules into a classifier over their classes (argmax of calibrated log-odds): 'none' raw;
+    'threshold' minus each module's held-out threshold; 'standardize' per-module mean/std over data's images in S."""
     if not parts or any(len(m.target) != 1 for m in parts) or len({m.target for m in parts}) != len(parts):
         raise HeadsError("compose needs one single-class module per class (distinct targets)")
     n = len(parts)
     shift, scale = torch.zeros(n), torch.ones(n)
-    if calibration == "standardize":
+    if calibration == "threshold":
+        if any(m.threshold is None for m in parts):
+            raise HeadsError("calibration='threshold' needs calibrated modules; run tcl.heads.calibrate(module, heldout)")
+        shift = torch.tensor([float(m.threshold) for m in parts])  # type: ignore[arg-type]
+    elif calibration == "standardize":
         if data is None:
             raise HeadsError("calibration='standardize' needs data (the held-out split); pass data= or calibration='none'")
         x, y = tensors(data, limit)
@@ -299,7 +306,7 @@ def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration:
         z = torch.stack([scores(m, (x[sel], y[sel]))[0] for m in parts], -1)
         shift, scale = z.mean(0), z.std(0).clamp_min(1e-6)
     elif calibration != "none":
-        raise HeadsError(f"calibration must be 'none' or 'standardize', got {calibration!r}")
+        raise HeadsError(f"calibration must be 'none', 'threshold' or 'standardize', got {calibration!r}")
     return ComposedClassifier(parts, shift, scale)
 
 

@@ -32,10 +32,12 @@ class ViTDims:
         return max(self.prefix, 1)
 
 
-def vit_dims(model: torch.nn.Module) -> ViTDims:
+def vit_dims(model: "torch.nn.Module | ViTDims") -> ViTDims:
     """Read token count, width, depth, etc. off a timm VisionTransformer (raises TypeError otherwise)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if isinstance(model, ViTDims):
+        return model
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}; build the model with "
                         "timm.models.vision_transformer (tcl.models.create / tcl.models.reference)")

@@ -1,7 +1,8 @@
 """Compression-rate search: random and evolutionary candidates, successive evaluation, resumable JSONL log, torch.distributed.
 
 Stage "subset": every candidate is scored on the first `subset` images of the held-out split (default score: KL to
-the uncompressed model's cached predictions). Stage "full": the `topk` best per MACs bin are re-scored on the whole
+the uncompressed model's cached predictions); stage "anchor" scores the baselines' schedules (ToMe, EViT) the same way,
+so the table can only beat them by finding something better on the held-out split. Stage "full": the `topk` best per MACs bin are re-scored on the whole
 split, and the best per bin (by `select_by`) forms the LookupTable. Run `python -m tcl.search --help`.
 """
 from __future__ import annotations
@@ -24,11 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
-from .table import BudgetError, LookupTable, TableError, build_table, mac_bin, model_info, read_log, sort_key
+from .table import BudgetError, LookupTable, TableError, better, build_table, mac_bin, model_info, read_log, sort_key
 from .utils import write_json
 
 __all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
-           "search", "sample_schedule", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
+           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
            "read_log", "init_distributed", "main"]
 
 
@@ -105,8 +106,9 @@ def sample_schedule(d: ViTDims, seed: int, index: int, min_fraction: float = 0.2
     """Random candidate `index`: per-block prune and merge rates, each sorted to grow with depth, fit to a random MACs level.
 
     Draws a target MACs fraction t ~ U(min_fraction, max_fraction), a first compressed block among those that can
-    still reach t, a prune/merge mix w ~ U(0,1), prune rates w*sort(U(0,1)^depth) and merge rates
-    (1-w)*sort(U(0,1)^depth), then scales all rates by one factor so the MACs land nearest t (fit_rates).
+    still reach t, a prune/merge mix w (0 = merge only with probability 1/3, 1 = prune only with probability 1/6, else
+    U(0,1)), prune rates w*sort(U(0,1)^depth) and merge rates (1-w)*sort(U(0,1)^depth), then scales all rates by one
+    factor so the MACs land nearest t (fit_rates).
     Deterministic in (seed, index), so shards and resumed runs regenerate the same candidates.
     """
     rng = np.random.default_rng([seed, 0, index])
@@ -116,11 +118,27 @@ def sample_schedule(d: ViTDims, seed: int, index: int, min_fraction: float = 0.2
              for s in range(d.depth)]
     starts = [s for s in range(d.depth) if reach[s] <= t] or [0]
     start = int(rng.choice(starts))
-    w = rng.uniform()
+    u, w = rng.uniform(), rng.uniform()
+    w = 0.0 if u < 1 / 3 else 1.0 if u < 1 / 2 else w
     p, m = np.sort(rng.uniform(size=d.depth)) * w, np.sort(rng.uniform(size=d.depth)) * (1 - w)
     p[:start] = m[:start] = 0.0
     return fit_rates(d, np.stack([p, m], 1).reshape(-1).tolist(), t * full, max_merge,
                      {"kind": "random", "id": index})
+
+
+def anchor_schedules(d: ViTDims, min_fraction: float = 0.25, max_fraction: float = 1.0) -> list[Schedule]:
+    """The baselines' families inside the search space: ToMe (r = 0.25, 0.5, ...) and EViT (keep = 0.98, 0.96, ...)
+    schedules whose MACs lie in [min_fraction, max_fraction] of the uncompressed model, without duplicates."""
+    full, out, seen = _macs(d, [d.tokens] * d.depth), [], set()
+    fams = [[Schedule.tome(d, k / 4) for k in range(1, 4 * d.tokens)],
+            [Schedule.evit(d, 1 - k / 50) for k in range(1, 50)]]
+    for fam in fams:
+        for s in fam:
+            f = _macs(d, s.merge) / full
+            if min_fraction <= f <= max_fraction and (s.prune, s.merge) not in seen:
+                seen.add((s.prune, s.merge))
+                out.append(Schedule(s.prune, s.merge, {**s.meta, "kind": "anchor-" + s.meta["kind"]}))
+    return out
 
 
 def mutate_schedule(d: ViTDims, parent: Schedule, rng: np.random.Generator, target_macs: float, sigma: float = 0.15,
@@ -290,6 +308,7 @@ class SearchConfig:
     round_size: int = 100  # evolve: children per round (a sync point when distributed)
     sigma: float = 0.15  # evolve: std of the rate perturbation
     elite: int = 3  # evolve: parents drawn from the `elite` Pareto-front candidates nearest the target MACs
+    anchors: bool = True  # also score the ToMe / EViT schedules of the range (stage "anchor", ids -2, -3, ...)
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "evolve"):
@@ -365,7 +384,7 @@ class _Run:
         new = []
         for i in tqdm(todo, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True):
             s = make(i)
-            rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge),
+            rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge), "kind": s.meta.get("kind"),
                    "schedule": {"prune": list(s.prune), "merge": list(s.merge)}, "scores": self.scorer(s, n)}
             self.log.append(rec)
             new.append(rec)
@@ -378,6 +397,15 @@ class _Run:
         return sorted((r for (st, i), r in self.records.items() if st == stage and (below is None or i < below)),
                       key=lambda r: r["id"])
 
+    def pool(self, below: int) -> list[dict[str, Any]]:
+        """Subset-stage records with id < below, plus the anchors."""
+        return self.stage("anchor") + self.stage("subset", below=below)
+
+    def anchors(self) -> dict[int, Schedule]:
+        """The anchor schedules by id (-2, -3, ...; -1 is the uncompressed model), or none if cfg.anchors is off."""
+        c = self.cfg
+        return {-2 - k: s for k, s in enumerate(anchor_schedules(self.d, c.min_fraction, c.max_fraction))} if c.anchors else {}
+
     def sample(self, i: int) -> Schedule:
         c = self.cfg
         return sample_schedule(self.d, c.seed, i, c.min_fraction, c.max_fraction, c.max_merge)
@@ -387,7 +415,7 @@ class _Run:
         MACs (front: no cheaper candidate scores better) and refit the child into that bin; deterministic."""
         c = self.cfg
         rng = np.random.default_rng([c.seed, 1, round_])
-        pop = self.stage("subset", below=start)
+        pop = self.pool(below=start)
         front, best = [], math.inf
         for r in sorted(pop, key=lambda r: (r["macs"], sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"])):
             if sort_key(c.rank_by, r["scores"][c.rank_by]) < best:
@@ -417,7 +445,8 @@ class _Run:
         keep = [r for rs in by_bin.values()
                 for r in sorted(rs, key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))[:c.topk]]
         full = Schedule([self.d.tokens] * self.d.depth, [self.d.tokens] * self.d.depth, {"kind": "full"})
-        return {-1: full, **{r["id"]: Schedule.from_dict(r["schedule"]) for r in sorted(keep, key=lambda r: r["id"])}}
+        return {-1: full, **{r["id"]: Schedule(r["schedule"]["prune"], r["schedule"]["merge"], {"kind": r.get("kind")})
+                             for r in sorted(keep, key=lambda r: r["id"])}}
 
 
 def _settings(cfg: SearchConfig, model: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -462,17 +491,19 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
     t0 = time.perf_counter()
     try:
         n_random = cfg.candidates if cfg.method == "random" else min(cfg.init, cfg.candidates)
+        anchors = run.anchors()
+        run.evaluate("anchor", list(anchors), anchors.__getitem__, cfg.subset, "anchors")
         run.evaluate("subset", range(n_random), run.sample, cfg.subset, "random")
         for g, start in enumerate(range(n_random, cfg.candidates, cfg.round_size)):
             kids = run.children(start, min(start + cfg.round_size, cfg.candidates), g)
             run.evaluate("subset", list(kids), kids.__getitem__, cfg.subset, f"evolve round {g}")
-        top = run.promote(run.stage("subset", below=cfg.candidates))
+        top = run.promote(run.pool(below=cfg.candidates))
         run.evaluate("full", list(top), top.__getitem__, scorer.size, "full split")
     finally:
         run.log.close()
     table = build_table([run.records[("full", i)] for i in top], info, cfg, data,
                         {"evaluations_subset": len(run.stage("subset", below=cfg.candidates)),
-                         "evaluations_full": len(top)})
+                         "evaluations_anchor": len(run.stage("anchor")), "evaluations_full": len(top)})
     if out is not None and run.rank == 0:
         table.save(out / "table.json")
     _invocation(out, run, t0)
@@ -496,7 +527,7 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
     rows, w = [], cfg.bin_width
     try:
         for e in evaluations:
-            subset = run.stage("subset", below=e)
+            subset = run.pool(below=e)
             for b in budgets:
                 top = run.promote([r for r in subset if round(b / w) - window <= mac_bin(r, run.full, w) < round(b / w)])
                 top.pop(-1)
@@ -511,6 +542,24 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
     finally:
         run.log.close()
     return rows
+
+
+def evaluations_to_match(rows: Sequence[dict[str, Any]], method: str = "evolve", reference: str = "random",
+                         score: str = "acc") -> list[dict[str, Any]]:
+    """Per budget: the fewest evaluations after which `method`'s pick scores at least `reference`'s pick with its most
+    evaluations (budget_curve rows of both; None if it never does)."""
+    out = []
+    for b in sorted({r["budget"] for r in rows}):
+        ref = max((r for r in rows if r["method"] == reference and r["budget"] == b), key=lambda r: r["evaluations"],
+                  default=None)
+        mine = sorted((r for r in rows if r["method"] == method and r["budget"] == b), key=lambda r: r["evaluations"])
+        if ref is None or not mine:
+            raise SearchError(f"need budget_curve rows of both {method!r} and {reference!r} at budget {b}")
+        hit = next((r["evaluations"] for r in mine if not better(score, ref[score], r[score])), None)
+        out.append({"budget": b, "reference": reference, "reference_evaluations": ref["evaluations"],
+                    f"reference_{score}": ref[score], "method": method, "evaluations_to_match": hit,
+                    f"best_{score}": max(mine, key=lambda r: -sort_key(score, r[score]))[score]})
+    return out
 
 
 # ---- command line ----------------------------------------------------------------------------------------------

@@ -117,11 +117,11 @@ class LookupTable:
         """The best schedule within budget: select(0.6) = 60% of full MACs, select(gmacs=2.9); use with tcl.patch."""
         e = self.entry(budget, fraction=fraction, gmacs=gmacs)
         s = Schedule.from_dict(e["schedule"])
-        return Schedule(s.prune, s.merge, {**s.meta, "macs": e["macs"], "scores": e["scores"]})
+        return Schedule(s.prune, s.merge, {**s.meta, "kind": e.get("kind"), "macs": e["macs"], "scores": e["scores"]})
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per entry (macs, fraction, scores, prune, merge): ready for pandas.DataFrame."""
-        return [{"id": e.get("id"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs, **e["scores"],
+        return [{"id": e.get("id"), "kind": e.get("kind"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs, **e["scores"],
                  "prune": e["schedule"]["prune"], "merge": e["schedule"]["merge"]} for e in self.entries]
 
     # ---- validation / io ------------------------------------------------------------------------------------
@@ -213,6 +213,6 @@ def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: A
         if b not in best or sort_key(cfg.select_by, r["scores"][cfg.select_by]) < sort_key(
                 cfg.select_by, best[b]["scores"][cfg.select_by]):
             best[b] = r
-    entries = [{"id": r["id"], "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
+    entries = [{"id": r["id"], "kind": r.get("kind"), "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
                 "schedule": r["schedule"]} for r in best.values()]
     return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)

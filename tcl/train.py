@@ -19,14 +19,14 @@ from . import data, models
 class Recipe:
     """Hyper-parameters of the reference training run."""
 
-    epochs: int = 18
+    epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     shift: int = 2
-    erase_p: float = 0.1
+    erase_p: float = 0.0
     seed: int = 0
     bf16: bool = False
 

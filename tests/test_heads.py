@@ -201,6 +201,12 @@ def test_modules_compose_and_union() -> None:
     ref = heads.restricted(model, [0, 2, 4])
     assert torch.equal(heads.scores(composed, (x, y))[0].argmax(-1), heads.scores(ref, (x, y))[0].argmax(-1))
     assert heads.subset_accuracy(composed, (x, y)) == heads.subset_accuracy(ref, (x, y))
+    with pytest.raises(heads.HeadsError, match="calibrate"):
+        heads.compose(mods, calibration="threshold")
+    for m in mods:
+        heads.calibrate(m, (x, y))
+    thr = heads.compose(mods, calibration="threshold")
+    assert torch.equal(thr.shift, torch.tensor([m.threshold for m in mods]))
     std = heads.compose(mods, (x, y))
     z = heads.scores(std, (x[torch.isin(y, torch.tensor([0, 2, 4]))], y))[0]
     assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-5)

@@ -102,7 +102,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     scorer = Synthetic(m)
     resumed = search.search(m, scorer, CFG, tmp_path / "run", progress=False)
     assert resumed.to_dict() == ref.to_dict()
-    assert scorer.calls == CFG.candidates - 50 + resumed.search["evaluations_full"]  # only what was missing
+    missing = CFG.candidates + resumed.search["evaluations_anchor"] - 50 + resumed.search["evaluations_full"]
+    assert scorer.calls == missing  # only what was missing
     lines = log.read_text().splitlines()
     assert all(json.loads(line) for line in lines) and len({(json.loads(x)["stage"], json.loads(x)["id"]) for x in lines}) == len(lines)
 
@@ -228,4 +229,35 @@ def test_killed_cli_run_resumes_to_the_same_table(tmp_path):
     resumed = _main(_tiny_cli(tmp_path, "run", 300))
     assert resumed.to_dict() == ref.to_dict()
     evaluated = json.loads((tmp_path / "run" / "invocations.jsonl").read_text())["evaluated"]
-    assert 20 <= done < 300 and evaluated == 300 - done + resumed.search["evaluations_full"]  # only what was missing
+    total = 300 + resumed.search["evaluations_anchor"] + resumed.search["evaluations_full"]
+    assert 20 <= done < 300 and evaluated == total - done  # only what was missing
+
+
+def test_anchors_are_the_baseline_families_and_can_win(tmp_path):
+    d = vit_dims(models.build_reference())
+    full = macs(d)
+    anchors = search.anchor_schedules(d)
+    kinds = {s.meta["kind"] for s in anchors}
+    assert kinds == {"anchor-tome", "anchor-evit"} and len({(s.prune, s.merge) for s in anchors}) == len(anchors)
+    assert all(0.25 <= macs(d, s) / full <= 1.0 for s in anchors)
+    assert Schedule.tome(models.build_reference(), 4) in anchors and Schedule.evit(d, 0.7) in anchors
+    m = tiny()
+    table = search.search(m, Synthetic(m), CFG, tmp_path, progress=False)
+    logged = search.read_log(tmp_path)
+    assert table.search["evaluations_anchor"] == sum(st_ == "anchor" for st_, _ in logged) > 0
+    assert all(i <= -2 for st_, i in logged if st_ == "anchor")
+    off = search.search(m, Synthetic(m), SearchConfig(**{**CFG.__dict__, "anchors": False}), progress=False)
+    assert off.search["evaluations_anchor"] == 0 and all(e["id"] >= -1 for e in off.entries)
+    won = [e for e in table.entries if e["id"] <= -2]  # the synthetic score favours late, small rates
+    assert won and all(e["kind"].startswith("anchor-") for e in won)
+
+
+def test_evaluations_to_match():
+    rows = [{"method": "random", "budget": 0.5, "evaluations": e, "acc": a} for e, a in ((100, 0.80), (1000, 0.85))]
+    rows += [{"method": "evolve", "budget": 0.5, "evaluations": e, "acc": a} for e, a in ((100, 0.84), (300, 0.85), (500, 0.86))]
+    rows += [{"method": "random", "budget": 0.7, "evaluations": 1000, "acc": 0.9},
+             {"method": "evolve", "budget": 0.7, "evaluations": 500, "acc": 0.89}]
+    got = search.evaluations_to_match(rows)
+    assert [(g["budget"], g["evaluations_to_match"], g["best_acc"]) for g in got] == [(0.5, 300, 0.86), (0.7, None, 0.89)]
+    with pytest.raises(SearchError, match="need budget_curve rows"):
+        search.evaluations_to_match(rows[:2])

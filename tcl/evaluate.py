@@ -51,13 +51,14 @@ def throughput(model: torch.nn.Module, input_size: tuple[int, ...] | None = None
     model.eval()
     size = input_size or tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
     x = torch.randn(batch_size, *size)
-    for _ in range(warmup):
-        model(x)
     times: list[float] = []
-    while len(times) < runs or sum(times) < min_seconds:
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        while len(times) < runs or sum(times) < min_seconds:
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     return {"img_per_s": batch_size / med, "median_s": med, "runs": len(times), "batch_size": batch_size,
             "threads": torch.get_num_threads()}

@@ -392,6 +392,26 @@ def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data
     return rec
 
 
+@torch.inference_mode()
+def latency(module: ClassModule | nn.Module, reference: nn.Module, batch_size: int = 256, runs: int = 5,
+            warmup: int = 1) -> dict[str, float]:
+    """Median seconds per batch of the module's backbone and of the reference, timed alternately on one random batch."""
+    nets = {"module": _backbone(module).eval(), "original": reference.eval()}
+    pe = _backbone(reference).patch_embed
+    x = torch.randn(batch_size, pe.proj.in_channels, *pe.img_size)
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for i in range(warmup + runs):
+        for k, net in nets.items():
+            t0 = time.perf_counter()
+            net(x)
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"module_latency_s": med["module"], "original_latency_s": med["original"],
+            "latency_speedup": med["original"] / med["module"], "latency_batch_size": batch_size,
+            "latency_threads": torch.get_num_threads()}
+
+
 def jaccard(masks: torch.Tensor) -> torch.Tensor:
     """Pairwise Jaccard overlap [k, k] of k head sets given as bool [k, blocks, heads] masks."""
     m = masks.flatten(1).float()
@@ -427,5 +447,5 @@ def search_keep(model: VisionTransformer, data: Data, target: Target, keeps: Seq
 __all__ = ["PrunedAttention", "prune_heads", "head_counts", "head_macs", "param_count", "ClassModule", "two_logits",
            "top1_in", "best_threshold", "calibrate", "reference_threshold", "extract_module", "random_mask",
            "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
-           "union_classifier", "restricted", "subset_accuracy", "binary_metrics", "auc", "module_report", "jaccard",
-           "search_keep"]
+           "union_classifier", "restricted", "subset_accuracy", "binary_metrics", "auc", "module_report",
+           "latency", "jaccard", "search_keep"]

@@ -269,3 +269,11 @@ def test_bad_input_raises_clear_errors() -> None:
         heads.compose([heads.extract_module(model, 0, torch.ones(2, 4, dtype=torch.bool))])
     with pytest.raises(heads.HeadsError, match="method"):
         heads.decompose_class(model, batch(), 1, 4, "magic", progress=False)  # type: ignore[arg-type]
+
+
+def test_module_latency_is_measured_on_both_models() -> None:
+    model = tiny()
+    mod = heads.decompose_class(model, batch(), 0, 4, "random", progress=False)
+    lat = heads.latency(mod, model, batch_size=8, runs=3)
+    assert lat["module_latency_s"] > 0 and lat["original_latency_s"] > 0
+    assert lat["latency_speedup"] == pytest.approx(lat["original_latency_s"] / lat["module_latency_s"])

@@ -1,0 +1,166 @@
+"""Copy the notebooks' latest run outputs into results/ and rewrite README's results section from them.
+
+    python tools/collect_results.py            # after `make reproduce CONFIG=full` and the two searches
+Every number in the README's results block comes from these files; a missing run leaves its table out.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS, RESULTS = ROOT / "runs", ROOT / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_baselines/results.json": "baselines.json",
+          "02_rate_search/comparison.json": "search_comparison.json", "search_full/table.json": "search_table.json",
+          "search_evolve/table.json": "search_evolve_table.json",
+          **{f"03_ablations/{n}.json": f"ablations_{n}.json"
+             for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random")},
+          **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")}}
+
+
+def load(name: str) -> Any:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def md(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def search_runs() -> dict[str, Any]:
+    out = {}
+    for name in ("search_full", "search_evolve"):
+        inv = RUNS / name / "invocations.jsonl"
+        if inv.exists():
+            rows = [json.loads(x) for x in inv.read_text().splitlines() if x.strip()]
+            table = json.loads((RUNS / name / "table.json").read_text())
+            out[name] = {"invocations": rows, "wall_s": sum(r["wall_s"] for r in rows),
+                         "evaluated": sum(r["evaluated"] for r in rows), "entries": len(table["entries"]),
+                         **{k: v for k, v in table["search"].items() if k.startswith("evaluations")}}
+    return out
+
+
+def sections() -> list[str]:
+    out = []
+    ref = load("reference_metrics.json")
+    if ref:
+        out.append(f"**Reference model** (`notebooks/00_reference_model`): test accuracy **{pct(ref['test_accuracy'])} %** "
+                   f"on {ref['test_images']:,} images, {ref['macs'] / 1e6:.2f} MMACs/image (FlopCounterMode: "
+                   f"{ref['flop_counter_macs'] / 1e6:.2f}), {ref['params'] / 1e6:.2f} M parameters, "
+                   f"{ref['throughput_img_per_s']:.0f} img/s at batch {ref['throughput_batch_size']} "
+                   f"({ref['throughput_threads']} threads).")
+    cmp_ = load("search_comparison.json")
+    if cmp_:
+        df = pd.DataFrame(cmp_)
+        base = df[df.method == "uncompressed"].iloc[0]
+        df = df[df.method != "uncompressed"].copy()
+        df[["family", "budget"]] = df.method.str.split("@", expand=True)
+        rows = []
+        for b, g in df.groupby("budget", sort=False):
+            f = g.set_index("family")
+            row = {"budget": b, "MACs (searched)": f"{100 * f.loc['searched', 'fraction']:.1f} %"}
+            for fam in ("searched", "ToMe", "EViT"):
+                row[f"{fam} acc (%)"] = f"{pct(f.loc[fam, 'accuracy'])} @ {100 * f.loc[fam, 'fraction']:.1f} %"
+            row["searched - best baseline (pt)"] = f"{100 * (f.loc['searched', 'accuracy'] - max(f.loc['ToMe', 'accuracy'], f.loc['EViT', 'accuracy'])):+.2f}"
+            row["speedup searched / ToMe / EViT"] = " / ".join(f"{f.loc[k, 'speedup']:.2f}x" for k in ("searched", "ToMe", "EViT"))
+            rows.append(row)
+        out.append(f"**Searched schedules vs ToMe and EViT at matched MACs** (`notebooks/02_rate_search`, CONFIG=full; "
+                   f"test set, uncompressed {pct(base.accuracy)} %; each baseline fitted to the MACs of the schedule "
+                   f"`table.select(budget)` returned; speedup = wall-clock img/s vs uncompressed, batch "
+                   f"{int(base.batch_size)}, {int(base.threads)} threads, timed round-robin in one run):\n\n" + md(pd.DataFrame(rows)))
+    runs = search_runs()
+    if runs:
+        write(RESULTS / "search_runs.json", runs)
+        lines = []
+        for name, r in runs.items():
+            inv = r["invocations"][-1]
+            lines.append(f"- `{name}`: {r['evaluations_subset']:,} candidates + {r.get('evaluations_anchor', 0)} anchors on the "
+                         f"subset, {r['evaluations_full']} on the whole held-out split, {r['entries']} table entries; "
+                         f"wall time {r['wall_s'] / 60:.1f} min ({inv['world']} process(es) x {inv['threads']} thread(s))")
+        out.append("**Search cost** (2 CPU cores):\n\n" + "\n".join(lines))
+    evo = load("ablations_evolve_vs_random.json")
+    if evo:
+        m = pd.DataFrame(evo["evaluations_to_match"])
+        m = pd.DataFrame({"budget": m.budget.map("{:.0%}".format),
+                          "random: evaluations / held-out acc (%)": [f"{e:,} / {pct(a)}" for e, a in zip(m.reference_evaluations, m.reference_acc)],
+                          "evolve: evaluations to match": m.evaluations_to_match.map(lambda v: "not matched" if v is None or v != v else f"{int(v):,}"),
+                          "evolve best held-out acc (%)": m.best_acc.map(pct)})
+        out.append("**Evolutionary vs random search** (`notebooks/03_ablations` section 5):\n\n" + md(m))
+    design = load("ablations_design.json")
+    if design:
+        d = pd.DataFrame(design)
+        p = d.pivot_table(index="variant", columns="budget", values="accuracy_pct").round(2).reset_index()
+        out.append("**Design ablations** (hand-set rates at matched MACs, test acc %, `notebooks/03_ablations`):\n\n" + md(p))
+    mods = load("heads_modules.json")
+    if mods:
+        d = pd.DataFrame(mods)
+        key = "calibrated_balanced_accuracy"
+        rows = []
+        for c, g in d.groupby("class", sort=False):
+            g = g.set_index("method")
+            r = g.loc["reset"]
+            rows.append({"class": c, "heads kept": f"{r.heads_kept}/{r.heads_total}",
+                         "module BA (%)": pct(r[f"module_{key}"]), "original BA (%)": pct(r[f"original_{key}"]),
+                         "random-heads BA (%)": pct(g.loc["random", f"module_{key}"]),
+                         "within 1 pt": "yes" if r[f"module_{key}"] >= r[f"original_{key}"] - 0.01 else "no",
+                         "module F1 / original F1": f"{r.module_f1:.3f} / {r.original_f1:.3f}",
+                         "params (M)": f"{r.params / 1e6:.2f}", "MMACs": f"{r.macs / 1e6:.1f}",
+                         "latency speedup": f"{r.latency_speedup:.2f}x" if "latency_speedup" in r else "",
+                         "decomposition (s)": f"{r.seconds:.0f}"})
+        out.append("**Class modules** (`notebooks/04_head_modules`, CONFIG=full; c-vs-rest balanced accuracy on the test "
+                   "set at thresholds calibrated on the held-out split; the original model mapped to c-vs-rest on the "
+                   "same images):\n\n" + md(pd.DataFrame(rows)))
+    comp = load("heads_composition.json")
+    if comp:
+        d = pd.DataFrame([{"classes": " + ".join(c["classes"]), "composed (%)": pct(c["composed"]),
+                           "union of heads (%)": pct(c["union_of_heads"]), "union heads kept": c["union_heads_kept"],
+                           "original restricted to S (%)": pct(c["original_restricted"])} for c in comp])
+        out.append("**Composed classifiers** (|S|-way test accuracy):\n\n" + md(d))
+    base = load("baselines.json")
+    if base:
+        d = pd.DataFrame(base)
+        d = d[d.method != "uncompressed"].copy()
+        d[["family", "budget"]] = d.method.str.split("@", expand=True)
+        d["cell"] = [f"{pct(a)} ({s:.2f}x)" for a, s in zip(d.accuracy, d.speedup)]
+        p = d.pivot_table(index="family", columns="budget", values="cell", aggfunc="first").reset_index()
+        out.append("**Baselines at matched MACs** (`notebooks/01_baselines`, CONFIG=full; test acc % (wall-clock "
+                   "speedup)):\n\n" + md(p))
+    return out
+
+
+def write(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def main() -> None:
+    RESULTS.mkdir(exist_ok=True)
+    for src, dst in COPIES.items():
+        if (RUNS / src).exists():
+            shutil.copy(RUNS / src, RESULTS / dst)
+    block = "\n\n".join(sections())
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        sys.exit(f"README.md needs the markers {START} and {END} around its results section")
+    head, rest = text.split(START, 1)
+    readme.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+    print(block)
+
+
+if __name__ == "__main__":
+    main()

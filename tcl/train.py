@@ -106,7 +106,7 @@ def train_reference(out: str | os.PathLike = models.WEIGHTS, recipe: Recipe | No
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); sched.step()
             run_loss = 0.98 * run_loss + 0.02 * loss.item() if i else loss.item()
-            bar.set_postfix(loss=f"{run_loss:.3f}")
+            bar.set_postfix(loss=f"{run_loss:.3f}", refresh=False)
         from .evaluate import accuracy
         acc = accuracy(model.eval(), held, progress=False)
         history.append({"epoch": epoch + 1, "loss": run_loss, "heldout_acc": acc, "seconds": time.time() - t0})

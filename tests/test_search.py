@@ -208,7 +208,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = _main(_tiny_cli(tmp_path, "one", 30))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tcl.search",
            *_tiny_cli(tmp_path, "two", 30)]
-    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    res = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "two").glob("log.*.jsonl")) == ["log.0.jsonl", "log.1.jsonl"]
     assert LookupTable.load(tmp_path / "two" / "table.json").to_dict() == one.to_dict()

@@ -76,6 +76,19 @@ def counted_macs(model: torch.nn.Module, input_size: tuple[int, ...] | None = No
     return counter.get_total_flops() // 2 // batch_size
 
 
+@torch.inference_mode()
+def round_robin(models: dict[str, torch.nn.Module], x: torch.Tensor, runs: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per forward of x for each model, timed in rounds (every model once per round) so noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rnd in range(warmup + runs):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            if rnd >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def compare(model: torch.nn.Module, methods: dict[str, tuple[Any, dict[str, Any]]], data: Dataset,
             batch_size: int = 256, runs: int = 5, warmup: int = 1, limit: int | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
@@ -103,17 +116,10 @@ def compare(model: torch.nn.Module, methods: dict[str, tuple[Any, dict[str, Any]
         records[name] = {"method": name, "macs": macs(model, s), "fraction": macs(model, s) / full,
                          "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
                          "agreement": (logits.argmax(-1) == base_logits.argmax(-1)).float().mean().item()}
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    with torch.inference_mode():
-        for rnd in tqdm(range(warmup + runs), desc="throughput", disable=not progress):
-            for name, m in models.items():
-                t0 = time.perf_counter()
-                m(x)
-                if rnd >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    base = [statistics.median(times[n]) for n, (s, _) in methods.items() if s is None]
+    medians = round_robin(models, x, runs, warmup)
+    base = [medians[n] for n, (s, _) in methods.items() if s is None]
     for name, rec in records.items():
-        med = statistics.median(times[name])
+        med = medians[name]
         rec.update(img_per_s=batch_size / med, threads=torch.get_num_threads(), batch_size=batch_size,
                    macs_ratio=full / rec["macs"])
         if base:

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
 
+from .evaluate import round_robin
 from .heads import (SCORERS, GatedAttention, HeadsError, ResetConfig, Target, attend, attentions, balanced_indices,
                     check_keep, check_target, gates, head_importance, insert_gates, keep_mask, log_odds, num_heads,
                     reset_train, tensors)
@@ -392,21 +393,13 @@ def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data
     return rec
 
 
-@torch.inference_mode()
 def latency(module: ClassModule | nn.Module, reference: nn.Module, batch_size: int = 256, runs: int = 5,
             warmup: int = 1) -> dict[str, float]:
     """Median seconds per batch of the module's backbone and of the reference, timed alternately on one random batch."""
     nets = {"module": _backbone(module).eval(), "original": reference.eval()}
     pe = _backbone(reference).patch_embed
     x = torch.randn(batch_size, pe.proj.in_channels, *pe.img_size)
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for i in range(warmup + runs):
-        for k, net in nets.items():
-            t0 = time.perf_counter()
-            net(x)
-            if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = round_robin(nets, x, runs, warmup)
     return {"module_latency_s": med["module"], "original_latency_s": med["original"],
             "latency_speedup": med["original"] / med["module"], "latency_batch_size": batch_size,
             "latency_threads": torch.get_num_threads()}

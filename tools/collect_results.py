@@ -6,12 +6,13 @@ Every number in the README's results block comes from these files; a missing run
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from tcl.utils import write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS = ROOT / "runs", ROOT / "results"
@@ -83,7 +84,7 @@ def sections() -> list[str]:
                    f"{int(base.batch_size)}, {int(base.threads)} threads, timed round-robin in one run):\n\n" + md(pd.DataFrame(rows)))
     runs = search_runs()
     if runs:
-        write(RESULTS / "search_runs.json", runs)
+        write_json(RESULTS / "search_runs.json", runs)
         lines = []
         for name, r in runs.items():
             inv = r["invocations"][-1]
@@ -144,24 +145,18 @@ def sections() -> list[str]:
     return out
 
 
-def write(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
 def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     for src, dst in COPIES.items():
         if (RUNS / src).exists():
-            shutil.copy(RUNS / src, RESULTS / dst)
+            write_text_atomic(RESULTS / dst, (RUNS / src).read_text())
     block = "\n\n".join(sections())
     readme = ROOT / "README.md"
     text = readme.read_text()
     if START not in text or END not in text:
         sys.exit(f"README.md needs the markers {START} and {END} around its results section")
     head, rest = text.split(START, 1)
-    readme.write_text(head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
+    write_text_atomic(readme, head + START + "\n" + block + "\n" + END + rest.split(END, 1)[1])
     print(block)
 
 

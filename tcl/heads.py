@@ -221,6 +221,9 @@ class ResetConfig:
     lowest criterion get m=0 until `keep` heads remain: "gate" |g|; "taylor" an EMA of |g * dL/dg|; "fisher" /
     "kl" the saliencies g^2 * Fisher of head_importance for the current gated model on `probe` held-out images.
     Objective: "labels" = c-vs-rest BCE against the labels; "distill" = against the original model's p(target).
+    clip: the masked objective gradient's L2 norm (over all gates) is capped at `clip` before the penalty is added,
+    so one step moves the kept gates by at most lr*clip (None: no cap). Without it, lr=10 diverged on one class of
+    the reference model (a single spike sent the kept gates from 0.7 to 3 and the module's BA fell by 9 pt).
     Defaults (chosen on the reference model's held-out split): lr * lam = 0.02, so a head forgotten at the end of the
     ramp (step 50) is at 0 by step 100; "distill" keeps the module's top-1 rule as calibrated as the original's
     ("labels" with class-balanced batches shifts it towards the target); "fisher" re-ranks heads as they go.
@@ -239,6 +242,7 @@ class ResetConfig:
     criterion: Literal["gate", "taylor", "fisher", "kl"] = "fisher"
     probe: int = 256
     objective: Literal["labels", "distill"] = "distill"
+    clip: float | None = 0.02
     train_weights: bool = False
     weights_lr: float = 1e-4
     seed: int = 0
@@ -292,17 +296,19 @@ def keep_mask(scores: torch.Tensor, keep: int, allow_empty_blocks: bool = False,
 
 def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, target: Sequence[int],
                mask: torch.Tensor, cfg: ResetConfig, soft: torch.Tensor | None = None) -> dict[str, Any]:
-    """One step: loss.backward(); gate grad <- m * objective grad + lam * P(g); opt.step(). Returns loss and grads."""
+    """One step: loss.backward(); gate grad <- clip(m * objective grad) + lam * P(g); opt.step(). Returns loss and grads."""
     params = gate_params(model)
     opt.zero_grad(set_to_none=True)
     loss = vs_rest_loss(model(x), y, target, soft=soft)
     loss.backward()
     objective = torch.stack([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
+    norm = float((objective * mask).norm())
+    scale = min(1.0, cfg.clip / norm) if cfg.clip is not None and norm > 0 else 1.0
     with torch.no_grad():
         for p, m in zip(params, mask):
-            p.grad = p.grad * m.to(p.dtype) + penalty_grad(p.detach(), cfg)  # type: ignore[operator]
+            p.grad = p.grad * (m.to(p.dtype) * scale) + penalty_grad(p.detach(), cfg)  # type: ignore[operator]
     opt.step()
-    return {"loss": loss.item(), "objective_grad": objective}
+    return {"loss": loss.item(), "objective_grad": objective, "grad_norm": norm}
 
 
 @torch.no_grad()
@@ -385,7 +391,7 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
             mask = keep_mask(crit, mask.numel() - want, allow_empty_blocks, current=mask)
         if step % 10 == 0 or step == cfg.steps - 1:
             cur = gates(model).abs()
-            history.append({"step": step, "loss": out["loss"], "kept": int(mask.sum()),
+            history.append({"step": step, "loss": out["loss"], "grad_norm": out["grad_norm"], "kept": int(mask.sum()),
                             "gate_kept": float(cur[mask].mean()) if mask.any() else 0.0,
                             "gate_forgotten": float(cur[~mask].mean()) if (~mask).any() else 0.0})
         if path is not None and ((step + 1) % save_every == 0 or step == cfg.steps - 1):

@@ -207,7 +207,8 @@ def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: 
                     allow_empty_blocks: bool = False, calibrated: bool = True, seed: int = 0,
                     importance: torch.Tensor | None = None, progress: bool = True) -> ClassModule:
     """Build the class module for target with `keep` heads from `data` (the held-out split): 'reset' = gradient-reset
-    gate training; a scorer = its top heads (then, if retrain, gate training with that mask fixed); or 'random'.
+    gate training; a scorer = its top heads, or 'random' = random heads (then, if retrain, gate training with that
+    mask fixed, so a random-heads baseline gets the same training as the scored heads).
     Gates are fitted on a c-vs-rest balanced subset (per_side images a side); calibrated sets the threshold on data;
     a precomputed [blocks, heads] importance (e.g. a row of class_importance) skips the scorer."""
     tgt = check_target(model, target)
@@ -231,7 +232,7 @@ def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: 
             info["importance"] = importance if importance is not None else \
                 head_importance(work, sub, [tgt], [method], seed=seed, progress=progress)[method][0]
             mask = keep_mask(info["importance"], keep, allow_empty_blocks)
-        if retrain and method != "random":
+        if retrain:
             info["history"] = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, fixed_mask=mask,
                                           progress=progress)["history"]
     info["gates"] = gates(work) * mask

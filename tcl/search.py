@@ -29,7 +29,7 @@ from .table import BudgetError, LookupTable, TableError, better, build_table, ma
 from .utils import write_json
 
 __all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
-           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
+           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "selection_check", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
            "read_log", "init_distributed", "main"]
 
 
@@ -271,21 +271,27 @@ class ReferenceScorer:
             n = min(8, len(self.cache[k]))
             return torch.allclose(self._logits(n, k), self._logits(n), atol=1e-4, rtol=1e-4)
 
-    def _scores(self, logits: torch.Tensor, n: int) -> dict[str, float]:
+    def _per_image(self, logits: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
         logp, ref_logp = F.log_softmax(logits, -1), self.ref_logp[:n]
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
         pred = logits.argmax(-1)
-        return {"kl": kl.item(), "agree": (pred == ref_logp.argmax(-1)).float().mean().item(),
-                "acc": (pred == self.y[:n]).float().mean().item()}
+        return {"kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1), "agree": (pred == ref_logp.argmax(-1)).float(),
+                "acc": (pred == self.y[:n]).float()}
 
-    def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
-        """Scores of the model compressed by schedule on the first n images (all when None)."""
+    def _scores(self, logits: torch.Tensor, n: int) -> dict[str, float]:
+        return {k: v.mean().item() for k, v in self._per_image(logits, n).items()}
+
+    def per_image(self, schedule: Schedule, n: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-image kl, agree and acc ([n] tensors) of the model compressed by schedule on the first n images."""
         n = self.size if n is None else min(n, self.size)
         start = self._start(schedule)
         if start == len(schedule):
-            return self._scores(self.ref[:n], n)
+            return self._per_image(self.ref[:n], n)
         with self.apply(self.model, schedule):
-            return self._scores(self._logits(n, start if self.cache and n <= len(self.cache[-1]) else 0), n)
+            return self._per_image(self._logits(n, start if self.cache and n <= len(self.cache[-1]) else 0), n)
+
+    def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
+        """Scores of the model compressed by schedule on the first n images (all when None)."""
+        return {k: v.mean().item() for k, v in self.per_image(schedule, n).items()}
 
 
 # ---- search ----------------------------------------------------------------------------------------------------
@@ -297,24 +303,27 @@ class SearchConfig:
     candidates: int = 10_000  # candidates scored on the subset (the search's evaluation budget)
     seed: int = 0
     subset: int = 256  # images per subset evaluation
-    topk: int = 3  # candidates per MACs bin re-scored on the whole split
+    topk: int = 2  # candidates per MACs bin re-scored on the whole split
     bin_width: float = 0.01  # MACs bin width, as a fraction of full MACs
     min_fraction: float = 0.25
     max_fraction: float = 1.0
     max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for bipartite merge)
     rank_by: str = "kl"  # subset score that promotes candidates to the full split
-    select_by: str = "acc"  # full-split score that picks each bin's table entry
+    select_by: str = "kl"  # full-split score that picks each bin's table entry (acc is optimistic: notebook 03 section 6)
     init: int = 500  # evolve: random candidates before the first round
     round_size: int = 100  # evolve: children per round (a sync point when distributed)
     sigma: float = 0.15  # evolve: std of the rate perturbation
     elite: int = 3  # evolve: parents drawn from the `elite` Pareto-front candidates nearest the target MACs
     anchors: bool = True  # also score the ToMe / EViT schedules of the range (stage "anchor", ids -2, -3, ...)
+    subset_dtype: str = "float32"  # "bfloat16": autocast the subset and anchor stages (the whole split stays float32)
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "evolve"):
             raise SearchError(f"method must be 'random' or 'evolve', got {self.method!r}")
         if not 0 < self.min_fraction < self.max_fraction <= 1:
             raise SearchError(f"need 0 < min_fraction < max_fraction <= 1, got {self.min_fraction}, {self.max_fraction}")
+        if self.subset_dtype not in ("float32", "bfloat16"):
+            raise SearchError(f"subset_dtype must be 'float32' or 'bfloat16', got {self.subset_dtype!r}")
         if self.candidates < 1 or self.subset < 1 or self.topk < 1:
             raise SearchError("candidates, subset and topk must be >= 1")
 
@@ -381,11 +390,15 @@ class _Run:
         from tqdm.auto import tqdm
 
         todo = [i for j, i in enumerate(ids) if j % self.world == self.rank and (stage, i) not in self.records]
-        new = []
+        new, model = [], getattr(self.scorer, "model", None)
+        device = next(model.parameters()).device.type if isinstance(model, torch.nn.Module) else "cpu"
+        low = stage != "full" and self.cfg.subset_dtype == "bfloat16"
         for i in tqdm(todo, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True):
             s = make(i)
+            with torch.autocast(device, dtype=torch.bfloat16) if low else contextlib.nullcontext():
+                scores = self.scorer(s, n)
             rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge), "kind": s.meta.get("kind"),
-                   "schedule": {"prune": list(s.prune), "merge": list(s.merge)}, "scores": self.scorer(s, n)}
+                   "schedule": {"prune": list(s.prune), "merge": list(s.merge)}, "scores": scores}
             self.log.append(rec)
             new.append(rec)
         self.evaluated += len(new)
@@ -541,6 +554,45 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
                              "fraction": best["macs"] / run.full, **best["scores"], "schedule": best["schedule"]})
     finally:
         run.log.close()
+    return rows
+
+
+def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike, budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
+                    window: int = 12, splits: int = 1000, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Which whole-split score should pick the table entry: per budget and score (acc / kl / agree), the accuracy on
+    the unseen half of the search split of the finalist picked on a random half (mean over `splits` halves), and the
+    optimism of the picked entry's accuracy on the half it was picked on. Finalists: a logged search's full-stage
+    records in the `window` MACs bins under each budget."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    if not (out / "settings.json").exists():
+        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
+    w = json.loads((out / "settings.json").read_text())["config"]["bin_width"]
+    full = _macs(scorer.dims, [scorer.dims.tokens] * scorer.dims.depth)
+    fin = sorted((r for (st, _), r in read_log(out).items() if st == "full" and r["id"] != -1), key=lambda r: r["id"])
+    fin = [r for r in fin if any(round(b / w) - window <= mac_bin(r, full, w) < round(b / w) for b in budgets)]
+    if not fin:
+        raise SearchError(f"no full-split finalists of {out} lie within {window} bins under the budgets {list(budgets)}")
+    per = [scorer.per_image(Schedule.from_dict(r["schedule"])) for r in tqdm(fin, desc="finalists", disable=not progress)]
+    vals = {k: torch.stack([p[k] for p in per]) for k in ("acc", "kl", "agree")}  # [finalists, images]
+    macs_ = torch.tensor([r["macs"] for r in fin])
+    halves = torch.stack([torch.randperm(scorer.size, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+                          < scorer.size // 2 for i in range(splits)]).float()  # [splits, images], 1 = picking half
+    seen = {k: v @ halves.T / halves.sum(1) for k, v in vals.items()}  # [finalists, splits]
+    unseen_acc = vals["acc"] @ (1 - halves).T / (1 - halves).sum(1)
+    rows = []
+    for b in budgets:
+        ok = (macs_ <= b * full).float().unsqueeze(1)
+        if not ok.any():
+            raise BudgetError(f"no finalist fits budget {b}")
+        for score in ("acc", "kl", "agree"):
+            pick = (sort_key(score, 1.0) * seen[score] + (1 - ok) * 1e9).argmin(0)  # best fitting finalist per split
+            cols = torch.arange(splits)
+            rows.append({"budget": b, "select_by": score, "finalists": int(ok.sum()),
+                         "picked_half_acc": float(seen["acc"][pick, cols].mean()),
+                         "unseen_half_acc": float(unseen_acc[pick, cols].mean()),
+                         "optimism": float((seen["acc"][pick, cols] - unseen_acc[pick, cols]).mean())})
     return rows
 
 

@@ -95,16 +95,19 @@ def test_reset_step_masks_objective_and_adds_penalty_by_hand() -> None:
         p.requires_grad_(True)
     x, y = batch()
     mask = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
-    for penalty in ("sign", "unit", "l2"):
+    for penalty, clip in (("sign", None), ("unit", None), ("l2", None), ("sign", 1e-4)):
         heads.set_gates(model, torch.tensor([[1.0, 0.7, -0.4, 1.2], [0.9, 1.1, 0.8, 0.0]]))
-        cfg = heads.ResetConfig(lr=0.5, lam=0.01, penalty=penalty)
+        cfg = heads.ResetConfig(lr=0.5, lam=0.01, penalty=penalty, clip=clip)
         before = heads.gates(model)
         loss = heads.vs_rest_loss(model(x), y, (1,))
         objective = torch.stack(torch.autograd.grad(loss, params))
         opt = torch.optim.SGD(params, lr=cfg.lr)
         out = heads.reset_step(model, opt, x, y, (1,), mask, cfg)
         assert torch.equal(out["objective_grad"], objective)
-        expected = before - cfg.lr * (objective * mask + heads.penalty_grad(before, cfg))
+        kept = objective * mask
+        assert out["grad_norm"] == pytest.approx(float(kept.norm())) and float(kept.norm()) > 1e-4
+        step = kept if clip is None else kept * (clip / kept.norm())  # clipped: the kept gates move by lr * clip
+        expected = before - cfg.lr * (step + heads.penalty_grad(before, cfg))
         assert torch.allclose(heads.gates(model), expected, atol=1e-7, rtol=0)
         assert torch.equal(heads.penalty_grad(before, cfg)[1, 3], torch.tensor(0.0))  # sign/unit/l2 of 0 is 0
 

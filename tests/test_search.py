@@ -182,6 +182,42 @@ def test_reference_scorer_cache_is_exact():
         search.ReferenceScorer(m, (x, y))
 
 
+def test_selection_check_picks_on_one_half_and_scores_the_other(tmp_path):
+    m = tiny()
+    x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))
+    scorer = search.ReferenceScorer(m, (x, y))
+    search.search(m, scorer, SearchConfig(candidates=40, topk=2, subset=16), tmp_path, progress=False)
+    rows = search.selection_check(scorer, tmp_path, budgets=(0.6, 0.9), window=40, splits=1, progress=False)
+    assert [(r["budget"], r["select_by"]) for r in rows] == [(b, s) for b in (0.6, 0.9) for s in ("acc", "kl", "agree")]
+    fin = sorted((r for (st, i), r in search.read_log(tmp_path).items() if st == "full" and i != -1
+                  and r["macs"] <= 0.6 * macs(m)), key=lambda r: r["id"])
+    half = torch.randperm(40, generator=torch.Generator().manual_seed(0)) < 20
+    per = [scorer.per_image(Schedule.from_dict(r["schedule"])) for r in fin]
+    best = max(per, key=lambda p: float(p["acc"][half].mean()))  # the first of the best on the picking half
+    assert rows[0]["finalists"] == len(fin) and rows[0]["picked_half_acc"] == pytest.approx(float(best["acc"][half].mean()))
+    assert rows[0]["unseen_half_acc"] == pytest.approx(float(best["acc"][~half].mean()))
+    with pytest.raises(SearchError, match="holds no search"):
+        search.selection_check(scorer, tmp_path / "none")
+
+
+def test_bfloat16_subset_stage_leaves_the_whole_split_in_float32(tmp_path):
+    m = tiny()
+    x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))
+    scorer = search.ReferenceScorer(m, (x, y))
+    search.search(m, scorer, SearchConfig(candidates=20, topk=1, subset=16, subset_dtype="bfloat16"), tmp_path,
+                  progress=False)
+    diffs = []
+    for (st, i), r in search.read_log(tmp_path).items():
+        exact = scorer(Schedule.from_dict(r["schedule"]), r["n"])
+        if st == "full":
+            assert r["scores"] == exact
+        elif i >= 0:
+            diffs.append(abs(r["scores"]["kl"] - exact["kl"]))
+    assert max(diffs) > 0  # the subset stage ran in bfloat16
+    with pytest.raises(SearchError, match="subset_dtype must be"):
+        SearchConfig(subset_dtype="float16")
+
+
 def _tiny_cli(tmp_path: Path, out: str, candidates: int) -> list[str]:
     """CLI args for a tiny random ViT on sklearn digits (weights and YAML config written to tmp_path)."""
     if not (tmp_path / "tiny.safetensors").exists():

@@ -124,6 +124,27 @@ class LookupTable:
         return [{"id": e.get("id"), "kind": e.get("kind"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs, **e["scores"],
                  "prune": e["schedule"]["prune"], "merge": e["schedule"]["merge"]} for e in self.entries]
 
+    @classmethod
+    def combine(cls, tables: Sequence["LookupTable"]) -> "LookupTable":
+        """One table from searches of the same model, data and patch settings: per MACs bin the best entry by score."""
+        if not tables:
+            raise TableError("combine needs at least one table")
+        first = tables[0]
+        for t in tables[1:]:
+            for what, a, b in (("model", t.model, first.model), ("data", t.data, first.data), ("score", t.score, first.score),
+                               ("bin_width", t.search.get("bin_width"), first.search.get("bin_width"))):
+                if a != b:
+                    raise TableError(f"cannot combine tables whose {what} differs ({str(a)[:80]} vs {str(b)[:80]}); "
+                                     "combine only searches of the same model, data, patch settings and score")
+        width, best = first.search.get("bin_width", 0.01), {}
+        for k, t in enumerate(tables):
+            for e in t.entries:
+                b = mac_bin(e, first.full_macs, width)
+                if b not in best or better(first.score, e["scores"][first.score], best[b]["scores"][first.score]):
+                    best[b] = {**e, "source": k}
+        return cls(list(best.values()), first.model, first.data, {"bin_width": width, "combined": [t.search for t in tables]},
+                   first.score)
+
     # ---- validation / io ------------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module) -> "LookupTable":
         """Raise TableError unless the table was made for this model's architecture (warn if only the weights differ)."""

@@ -1,6 +1,7 @@
 """Rate search and lookup table: sampling, determinism, resume, torchrun sharding, table validation, scorer cache."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -165,6 +166,23 @@ def test_table_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m tcl.search"):
         LookupTable.load(tmp_path / "missing.json")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_combined_table_keeps_the_best_entry_per_bin(tmp_path):
+    m = tiny()
+    a = search.search(m, Synthetic(m), CFG, tmp_path / "a", progress=False)
+    b = search.search(m, Synthetic(m), dataclasses.replace(CFG, seed=1), tmp_path / "b", progress=False)
+    c = LookupTable.combine([a, b])
+    bins = {}
+    for k, t in enumerate((a, b)):
+        for e in t.entries:
+            bins.setdefault(int(e["macs"] / macs(m) / CFG.bin_width + 1e-9), []).append((e["scores"]["kl"], k))
+    assert len(c.entries) == len(bins)
+    assert sorted(e["scores"]["kl"] for e in c.entries) == sorted(min(v)[0] for v in bins.values())
+    assert {e["source"] for e in c.entries} == {0, 1} and c.select(0.9).meta["scores"]["kl"] == min(
+        e["scores"]["kl"] for e in c.entries if e["macs"] <= 0.9 * macs(m))
+    with pytest.raises(TableError, match="cannot combine tables whose score differs"):
+        LookupTable.combine([a, dataclasses.replace(b, score="acc")])
 
 
 # ---------------------------------------------------------------- real scorer, CLI, torchrun

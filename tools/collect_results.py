@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS, RESULTS = ROOT / "runs", ROOT / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_baselines/results.json": "baselines.json",
-          "02_rate_search/comparison.json": "search_comparison.json", "search_full/table.json": "search_table.json",
+          "02_rate_search/comparison.json": "search_comparison.json", "02_rate_search/table.json": "search_table.json",
+          "search_full/table.json": "search_random_table.json",
           "search_evolve/table.json": "search_evolve_table.json",
           **{f"03_ablations/{n}.json": f"ablations_{n}.json"
              for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random", "selection")},

@@ -297,7 +297,7 @@ def keep_mask(scores: torch.Tensor, keep: int, allow_empty_blocks: bool = False,
 
 def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, target: Sequence[int],
                mask: torch.Tensor, cfg: ResetConfig, soft: torch.Tensor | None = None) -> dict[str, Any]:
-    """One step: loss.backward(); gate grad <- clip(m * objective grad) + lam * P(g); opt.step(). Returns loss and grads."""
+    """One step: loss.backward(); gate grad <- clip(m * objective grad) + lam * P(g); opt.step(). Returns loss, grads."""
     params = gate_params(model)
     opt.zero_grad(set_to_none=True)
     loss = vs_rest_loss(model(x), y, target, soft=soft)

@@ -29,7 +29,8 @@ from .table import BudgetError, LookupTable, TableError, better, build_table, ma
 from .utils import write_json
 
 __all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
-           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "selection_check", "mutate_schedule", "fit_rates", "rates_of", "build_table", "budget_curve",
+           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "selection_check", "mutate_schedule",
+           "fit_rates", "rates_of", "build_table", "budget_curve",
            "read_log", "init_distributed", "main"]
 
 
@@ -309,7 +310,7 @@ class SearchConfig:
     max_fraction: float = 1.0
     max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for bipartite merge)
     rank_by: str = "kl"  # subset score that promotes candidates to the full split
-    select_by: str = "kl"  # full-split score that picks each bin's table entry (acc is optimistic: notebook 03 section 6)
+    select_by: str = "kl"  # full-split score that picks each bin's entry (acc is optimistic: notebook 03, section 6)
     init: int = 500  # evolve: random candidates before the first round
     round_size: int = 100  # evolve: children per round (a sync point when distributed)
     sigma: float = 0.15  # evolve: std of the rate perturbation
@@ -557,8 +558,8 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
     return rows
 
 
-def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike, budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8),
-                    window: int = 12, splits: int = 1000, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
+                    budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), window: int = 12, splits: int = 1000, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Which whole-split score should pick the table entry: per budget and score (acc / kl / agree), the accuracy on
     the unseen half of the search split of the finalist picked on a random half (mean over `splits` halves), and the
     optimism of the picked entry's accuracy on the half it was picked on. Finalists: a logged search's full-stage
@@ -573,8 +574,10 @@ def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike, budgets
     fin = sorted((r for (st, _), r in read_log(out).items() if st == "full" and r["id"] != -1), key=lambda r: r["id"])
     fin = [r for r in fin if any(round(b / w) - window <= mac_bin(r, full, w) < round(b / w) for b in budgets)]
     if not fin:
-        raise SearchError(f"no full-split finalists of {out} lie within {window} bins under the budgets {list(budgets)}")
-    per = [scorer.per_image(Schedule.from_dict(r["schedule"])) for r in tqdm(fin, desc="finalists", disable=not progress)]
+        raise SearchError(f"no full-split finalists of {out} lie within {window} bins under {list(budgets)}; "
+                          "pass a larger window")
+    per = [scorer.per_image(Schedule.from_dict(r["schedule"]))
+           for r in tqdm(fin, desc="finalists", disable=not progress)]
     vals = {k: torch.stack([p[k] for p in per]) for k in ("acc", "kl", "agree")}  # [finalists, images]
     macs_ = torch.tensor([r["macs"] for r in fin])
     halves = torch.stack([torch.randperm(scorer.size, generator=torch.Generator().manual_seed(seed * 100_003 + i))

@@ -131,7 +131,8 @@ class LookupTable:
             raise TableError("combine needs at least one table")
         first = tables[0]
         for t in tables[1:]:
-            for what, a, b in (("model", t.model, first.model), ("data", t.data, first.data), ("score", t.score, first.score),
+            for what, a, b in (("model", t.model, first.model), ("data", t.data, first.data),
+                               ("score", t.score, first.score),
                                ("bin_width", t.search.get("bin_width"), first.search.get("bin_width"))):
                 if a != b:
                     raise TableError(f"cannot combine tables whose {what} differs ({str(a)[:80]} vs {str(b)[:80]}); "
@@ -142,8 +143,8 @@ class LookupTable:
                 b = mac_bin(e, first.full_macs, width)
                 if b not in best or better(first.score, e["scores"][first.score], best[b]["scores"][first.score]):
                     best[b] = {**e, "source": k}
-        return cls(list(best.values()), first.model, first.data, {"bin_width": width, "combined": [t.search for t in tables]},
-                   first.score)
+        return cls(list(best.values()), first.model, first.data,
+                   {"bin_width": width, "combined": [t.search for t in tables]}, first.score)
 
     # ---- validation / io ------------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module) -> "LookupTable":

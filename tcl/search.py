@@ -196,6 +196,15 @@ def _tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.T
     return torch.stack(xs), torch.as_tensor(ys)
 
 
+def _means(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: v.mean().item() for k, v in per_image.items()}
+
+
+def _under(rec: dict[str, Any], full: int, width: float, budget: float, window: int) -> bool:
+    """Whether a record lies in one of the `window` MACs bins just under budget."""
+    return round(budget / width) - window <= mac_bin(rec, full, width) < round(budget / width)
+
+
 class ReferenceScorer:
     """Scores compressed models against the uncompressed model's logits, cached once on a fixed (shuffled) dataset.
 
@@ -220,7 +229,7 @@ class ReferenceScorer:
         self.full = Schedule.full(model)
         self.ref, self.cache = self._reference_pass(min(cache_images, self.size))
         self.ref_logp = F.log_softmax(self.ref, -1)
-        self.reference_scores = self._scores(self.ref, self.size)
+        self.reference_scores = _means(self._per_image(self.ref, self.size))
         if self.cache and not self._cache_agrees():
             self.cache = []
 
@@ -278,9 +287,6 @@ class ReferenceScorer:
         return {"kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1), "agree": (pred == ref_logp.argmax(-1)).float(),
                 "acc": (pred == self.y[:n]).float()}
 
-    def _scores(self, logits: torch.Tensor, n: int) -> dict[str, float]:
-        return {k: v.mean().item() for k, v in self._per_image(logits, n).items()}
-
     def per_image(self, schedule: Schedule, n: int | None = None) -> dict[str, torch.Tensor]:
         """Per-image kl, agree and acc ([n] tensors) of the model compressed by schedule on the first n images."""
         n = self.size if n is None else min(n, self.size)
@@ -292,7 +298,7 @@ class ReferenceScorer:
 
     def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
         """Scores of the model compressed by schedule on the first n images (all when None)."""
-        return {k: v.mean().item() for k, v in self.per_image(schedule, n).items()}
+        return _means(self.per_image(schedule, n))
 
 
 # ---- search ----------------------------------------------------------------------------------------------------
@@ -543,7 +549,7 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
         for e in evaluations:
             subset = run.pool(below=e)
             for b in budgets:
-                top = run.promote([r for r in subset if round(b / w) - window <= mac_bin(r, run.full, w) < round(b / w)])
+                top = run.promote([r for r in subset if _under(r, run.full, w, b, window)])
                 top.pop(-1)
                 if not top:
                     raise BudgetError(f"no candidate among the first {e} lies within {window} bins under budget {b}")
@@ -559,7 +565,8 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
 
 
 def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
-                    budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), window: int = 12, splits: int = 1000, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                    budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), window: int = 12, splits: int = 1000,
+                    seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Which whole-split score should pick the table entry: per budget and score (acc / kl / agree), the accuracy on
     the unseen half of the search split of the finalist picked on a random half (mean over `splits` halves), and the
     optimism of the picked entry's accuracy on the half it was picked on. Finalists: a logged search's full-stage
@@ -570,9 +577,9 @@ def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
     if not (out / "settings.json").exists():
         raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
     w = json.loads((out / "settings.json").read_text())["config"]["bin_width"]
-    full = _macs(scorer.dims, [scorer.dims.tokens] * scorer.dims.depth)
-    fin = sorted((r for (st, _), r in read_log(out).items() if st == "full" and r["id"] != -1), key=lambda r: r["id"])
-    fin = [r for r in fin if any(round(b / w) - window <= mac_bin(r, full, w) < round(b / w) for b in budgets)]
+    full = macs(scorer.dims)
+    fin = sorted((r for (st, i), r in read_log(out).items() if st == "full" and i != -1
+                  and any(_under(r, full, w, b, window) for b in budgets)), key=lambda r: r["id"])
     if not fin:
         raise SearchError(f"no full-split finalists of {out} lie within {window} bins under {list(budgets)}; "
                           "pass a larger window")
@@ -584,14 +591,13 @@ def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
                           < scorer.size // 2 for i in range(splits)]).float()  # [splits, images], 1 = picking half
     seen = {k: v @ halves.T / halves.sum(1) for k, v in vals.items()}  # [finalists, splits]
     unseen_acc = vals["acc"] @ (1 - halves).T / (1 - halves).sum(1)
-    rows = []
+    rows, cols = [], torch.arange(splits)
     for b in budgets:
         ok = (macs_ <= b * full).float().unsqueeze(1)
         if not ok.any():
             raise BudgetError(f"no finalist fits budget {b}")
         for score in ("acc", "kl", "agree"):
             pick = (sort_key(score, 1.0) * seen[score] + (1 - ok) * 1e9).argmin(0)  # best fitting finalist per split
-            cols = torch.arange(splits)
             rows.append({"budget": b, "select_by": score, "finalists": int(ok.sum()),
                          "picked_half_acc": float(seen["acc"][pick, cols].mean()),
                          "unseen_half_acc": float(unseen_acc[pick, cols].mean()),

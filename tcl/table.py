@@ -137,14 +137,11 @@ class LookupTable:
                 if a != b:
                     raise TableError(f"cannot combine tables whose {what} differs ({str(a)[:80]} vs {str(b)[:80]}); "
                                      "combine only searches of the same model, data, patch settings and score")
-        width, best = first.search.get("bin_width", 0.01), {}
-        for k, t in enumerate(tables):
-            for e in t.entries:
-                b = mac_bin(e, first.full_macs, width)
-                if b not in best or better(first.score, e["scores"][first.score], best[b]["scores"][first.score]):
-                    best[b] = {**e, "source": k}
-        return cls(list(best.values()), first.model, first.data,
-                   {"bin_width": width, "combined": [t.search for t in tables]}, first.score)
+        width = first.search.get("bin_width", 0.01)
+        best = best_per_bin([{**e, "source": k} for k, t in enumerate(tables) for e in t.entries], first.full_macs,
+                            width, first.score)
+        return cls(best, first.model, first.data, {"bin_width": width, "combined": [t.search for t in tables]},
+                   first.score)
 
     # ---- validation / io ------------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module) -> "LookupTable":
@@ -226,15 +223,20 @@ def read_log(out_dir: str | os.PathLike) -> dict[tuple[str, int], dict[str, Any]
     return records
 
 
+def best_per_bin(records: Sequence[dict[str, Any]], full: int, width: float, score: str) -> list[dict[str, Any]]:
+    """Per MACs bin the record (log record or table entry) with the best `score`; the first one wins ties."""
+    best: dict[int, dict[str, Any]] = {}
+    for r in records:
+        b = mac_bin(r, full, width)
+        if b not in best or better(score, r["scores"][score], best[b]["scores"][score]):
+            best[b] = r
+    return list(best.values())
+
+
 def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: Any,
                 data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> LookupTable:
     """The LookupTable of full-split records: the best per MACs bin (cfg.bin_width) by cfg.select_by."""
-    best: dict[int, dict[str, Any]] = {}
-    for r in sorted(records, key=lambda r: r["id"]):
-        b = mac_bin(r, model["macs"], cfg.bin_width)
-        if b not in best or sort_key(cfg.select_by, r["scores"][cfg.select_by]) < sort_key(
-                cfg.select_by, best[b]["scores"][cfg.select_by]):
-            best[b] = r
-    entries = [{"id": r["id"], "kind": r.get("kind"), "macs": r["macs"], "fraction": r["macs"] / model["macs"], "scores": r["scores"],
-                "schedule": r["schedule"]} for r in best.values()]
+    best = best_per_bin(sorted(records, key=lambda r: r["id"]), model["macs"], cfg.bin_width, cfg.select_by)
+    entries = [{"id": r["id"], "kind": r.get("kind"), "macs": r["macs"], "fraction": r["macs"] / model["macs"],
+                "scores": r["scores"], "schedule": r["schedule"]} for r in best]
     return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)

@@ -105,12 +105,12 @@ def sections() -> list[str]:
     if sel:
         d = pd.DataFrame(sel)
         d["cell"] = [f"{pct(u)} ({100 * o:+.2f})" for u, o in zip(d.unseen_half_acc, d.optimism)]
-        p = d.assign(budget=d.budget.map("{:.0%}".format)).pivot_table(index="select_by", columns="budget", values="cell",
-                                                                      aggfunc="first").reset_index()
+        p = d.assign(budget=d.budget.map("{:.0%}".format)).pivot_table(
+            index="select_by", columns="budget", values="cell", aggfunc="first").reset_index()
         out.append(f"**Which whole-split score should pick the table entry** (`notebooks/03_ablations` section 6; "
-                   f"held-out split only: the pick among {int(d.finalists.min())}-{int(d.finalists.max())} logged finalists made on a random half, "
-                   f"accuracy % on the other half (optimism: picked-half minus other-half accuracy, pt), mean of "
-                   f"many random halves):\n\n" + md(p))
+                   f"held-out split only: the pick among {int(d.finalists.min())}-{int(d.finalists.max())} logged "
+                   "finalists made on a random half, accuracy % on the other half (optimism: picked-half minus "
+                   "other-half accuracy, pt), mean of many random halves):\n\n" + md(p))
     design = load("ablations_design.json")
     if design:
         d = pd.DataFrame(design)
@@ -135,8 +135,8 @@ def sections() -> list[str]:
                          "params (M)": f"{r.params / 1e6:.2f}", "MMACs": f"{r.macs / 1e6:.1f}",
                          "latency speedup": f"{r.latency_speedup:.2f}x" if "latency_speedup" in r else "",
                          "decomposition (s)": f"{r.seconds:.0f}"})
-        out.append("**Class modules** (`notebooks/04_head_modules`, CONFIG=full; random heads get the same gate training; c-vs-rest balanced accuracy on the test "
-                   "set at thresholds calibrated on the held-out split; the original model mapped to c-vs-rest on the "
+        out.append("**Class modules** (`notebooks/04_head_modules`, CONFIG=full; random heads get the same gate "
+                   "training; c-vs-rest balanced accuracy on the test set at thresholds calibrated on the held-out split; the original model mapped to c-vs-rest on the "
                    "same images):\n\n" + md(pd.DataFrame(rows)))
     comp = load("heads_composition.json")
     if comp:

@@ -323,6 +323,8 @@ class SearchConfig:
     elite: int = 3  # evolve: parents drawn from the `elite` Pareto-front candidates nearest the target MACs
     anchors: bool = True  # also score the ToMe / EViT schedules of the range (stage "anchor", ids -2, -3, ...)
     subset_dtype: str = "float32"  # "bfloat16": autocast the subset and anchor stages (the whole split stays float32)
+    targets: list[float] | None = None  # evolve: spend the rounds on the window [b - bin_width, b) below each budget b
+    #   (fractions of full MACs) and re-score on the whole split only those windows (topk per window)
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "evolve"):
@@ -333,6 +335,12 @@ class SearchConfig:
             raise SearchError(f"subset_dtype must be 'float32' or 'bfloat16', got {self.subset_dtype!r}")
         if self.candidates < 1 or self.subset < 1 or self.topk < 1:
             raise SearchError("candidates, subset and topk must be >= 1")
+        if self.targets is not None:
+            if self.method != "evolve" or not self.targets or not all(
+                    self.min_fraction + self.bin_width <= b <= self.max_fraction for b in self.targets):
+                raise SearchError(f"targets {self.targets!r}: needs method 'evolve' and budgets in "
+                                  f"[min_fraction + bin_width, max_fraction]; or leave targets unset")
+            self.targets = sorted(float(b) for b in self.targets)
 
 
 class _Log:
@@ -445,7 +453,10 @@ class _Run:
         lo, hi = int(c.min_fraction / c.bin_width), max(int(math.ceil(c.max_fraction / c.bin_width)) - 1, 0)
         out = {}
         for i in range(start, stop):
-            target = (int(rng.integers(lo, hi + 1)) + rng.uniform()) * c.bin_width * self.full
+            if c.targets:
+                target = (c.targets[int(rng.integers(len(c.targets)))] - rng.uniform() * c.bin_width) * self.full
+            else:
+                target = (int(rng.integers(lo, hi + 1)) + rng.uniform()) * c.bin_width * self.full
             near = sorted(front, key=lambda r: (abs(r["macs"] - target), r["id"]))[:c.elite]
             parent, other = (Schedule.from_dict(near[int(k)]["schedule"]) for k in rng.integers(0, len(near), 2))
             for _ in range(10):
@@ -458,10 +469,15 @@ class _Run:
         return out
 
     def promote(self, subset: list[dict[str, Any]]) -> dict[int, Schedule]:
-        """The topk candidates per MACs bin by rank_by, plus the uncompressed model (id -1), by id."""
+        """The topk candidates per MACs bin (per target window when targets are set) by rank_by, plus the uncompressed
+        model (id -1), by id."""
         c, by_bin = self.cfg, {}
         for r in subset:
-            by_bin.setdefault(mac_bin(r, self.full, c.bin_width), []).append(r)
+            if not c.targets:
+                by_bin.setdefault(mac_bin(r, self.full, c.bin_width), []).append(r)
+            for b in c.targets or []:
+                if b - c.bin_width <= r["macs"] / self.full < b:
+                    by_bin.setdefault(b, []).append(r)
         keep = [r for rs in by_bin.values()
                 for r in sorted(rs, key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))[:c.topk]]
         full = Schedule([self.d.tokens] * self.d.depth, [self.d.tokens] * self.d.depth, {"kind": "full"})
@@ -644,7 +660,8 @@ def _parser() -> Any:
     ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
     ap.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
     for f in dataclasses.fields(SearchConfig):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.name != "method" else str)
+        kind = json.loads if f.name == "targets" else str if f.name == "method" else type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind)
     return ap
 
 

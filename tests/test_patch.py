@@ -89,6 +89,20 @@ def test_full_schedule_reproduces_the_unpatched_model(variant: str) -> None:
         assert torch.equal(model(x), ref)
 
 
+@pytest.mark.parametrize("variant", ["cls", "distilled", "registers", "layerscale", "qk_norm"])
+def test_pruning_the_last_block_to_its_prefix_tokens_is_exact_under_token_pooling(variant: str) -> None:
+    """After the last attention only the prefix tokens reach the head: the searched tables' free MACs saving."""
+    model, x = tiny(variant), images()
+    d = vit_dims(model)
+    s = Schedule([d.tokens] * (d.depth - 1) + [d.prefix], [d.tokens] * (d.depth - 1) + [d.prefix])
+    with torch.no_grad():
+        ref = model(x)
+        for opts in ({}, {"merge": "bipartite", "prop_attn": True}):
+            tcl.patch(model, s, **opts)
+            assert (model(x) - ref).abs().max() <= 1e-5, opts
+    assert tcl.macs(model, s) < tcl.macs(model)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())

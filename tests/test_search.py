@@ -122,6 +122,28 @@ def test_evolve_is_deterministic_resumable_and_extends_random(tmp_path):
     assert max(i for st_, i in evolved if st_ == "subset") == 149
 
 
+def test_targeted_evolve_spends_rounds_and_finalists_on_the_budget_windows(tmp_path):
+    m = tiny(depth=4, img_size=32)
+    cfg = SearchConfig(method="evolve", candidates=300, init=100, round_size=50, topk=3, subset=16, bin_width=0.05,
+                       targets=[0.8, 0.6])
+    assert cfg.targets == [0.6, 0.8]
+    table = search.search(m, Synthetic(m), cfg, tmp_path, progress=False)
+    full, log = macs(m), search.read_log(tmp_path)
+
+    def inside(r):
+        return any(b - 0.05 <= r["macs"] / full < b for b in cfg.targets)
+
+    kids = [r for (st_, i), r in log.items() if st_ == "subset" and i >= cfg.init]
+    first = [r for (st_, i), r in log.items() if st_ == "subset" and i < cfg.init]
+    assert sum(map(inside, kids)) / len(kids) > 0.5 > 2 * sum(map(inside, first)) / len(first)
+    finals = [r for (st_, i), r in log.items() if st_ == "full" and i != -1]
+    assert finals and all(map(inside, finals)) and len(finals) <= 2 * cfg.topk
+    assert {round(e["macs"] / full, 6) for e in table.entries} <= {round(r["macs"] / full, 6) for r in finals} | {1.0}
+    for bad in (dict(targets=[0.6]), dict(method="evolve", targets=[0.2]), dict(method="evolve", targets=[])):
+        with pytest.raises(SearchError, match="targets"):
+            SearchConfig(**bad)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     m = tiny()
     search.search(m, Synthetic(m), CFG, tmp_path, progress=False)

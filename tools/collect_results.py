@@ -21,6 +21,7 @@ COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_basel
           "02_rate_search/comparison.json": "search_comparison.json", "02_rate_search/table.json": "search_table.json",
           "search_full/table.json": "search_random_table.json",
           "search_evolve/table.json": "search_evolve_table.json",
+          "search_targeted/table.json": "search_targeted_table.json",
           **{f"03_ablations/{n}.json": f"ablations_{n}.json"
              for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random", "selection")},
           **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")}}
@@ -44,7 +45,7 @@ def md(df: pd.DataFrame) -> str:
 
 def search_runs() -> dict[str, Any]:
     out = {}
-    for name in ("search_full", "search_evolve"):
+    for name in ("search_full", "search_evolve", "search_targeted"):
         inv = RUNS / name / "invocations.jsonl"
         if inv.exists():
             rows = [json.loads(x) for x in inv.read_text().splitlines() if x.strip()]
@@ -53,6 +54,25 @@ def search_runs() -> dict[str, Any]:
                          "evaluated": sum(r["evaluated"] for r in rows), "entries": len(table["entries"]),
                          **{k: v for k, v in table["search"].items() if k.startswith("evaluations")}}
     return out
+
+
+def per_search_picks() -> pd.DataFrame | None:
+    tables = {"random 10k": "search_random_table.json", "evolve 3k": "search_evolve_table.json",
+              "targeted evolve 4.5k": "search_targeted_table.json", "combined (shipped)": "search_table.json"}
+    loaded = {k: load(v) for k, v in tables.items()}
+    if not any(loaded.values()):
+        return None
+    full = next(t for t in loaded.values() if t)["model"]["macs"]
+    rows = []
+    for b in (0.5, 0.6, 0.7, 0.8):
+        row: dict[str, str] = {"budget": f"{b:.0%}"}
+        for name, t in loaded.items():
+            fit = [e for e in (t or {}).get("entries", []) if e["macs"] <= b * full]
+            e = min(fit, key=lambda e: e["scores"]["kl"]) if fit else None
+            row[name] = "-" if e is None else (f"{e['scores']['kl']:.4f} / {pct(e['scores']['acc'])} @ "
+                                               f"{100 * e['macs'] / full:.1f} %")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def sections() -> list[str]:
@@ -93,6 +113,10 @@ def sections() -> list[str]:
                          f"subset, {r['evaluations_full']} on the whole held-out split, {r['entries']} table entries; "
                          f"wall time {r['wall_s'] / 60:.1f} min ({inv['world']} process(es) x {inv['threads']} thread(s))")
         out.append("**Search cost** (2 CPU cores):\n\n" + "\n".join(lines))
+    picks = per_search_picks()
+    if picks is not None:
+        out.append("**Each search's pick per budget** (held-out split; the entry `select(budget)` returns from that "
+                   "search's table alone, whole-split KL to the uncompressed model / accuracy @ MACs):\n\n" + md(picks))
     evo = load("ablations_evolve_vs_random.json")
     if evo:
         m = pd.DataFrame(evo["evaluations_to_match"])

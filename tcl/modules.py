@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
@@ -202,15 +204,70 @@ def random_mask(shape: tuple[int, int], keep: int, seed: int = 0, allow_empty_bl
 Method = Literal["reset", "taylor", "fisher", "michel", "hessian", "kl", "random"]
 
 
+@dataclass
+class RecoverConfig:
+    """Opt-in distillation recovery of a class module's remaining weights (the gate-only module is the method's result).
+
+    Adam on every backbone weight for `steps` class-balanced batches (target vs rest) of the given data; the loss is
+    the KL divergence from the original model's softmax over all classes to the module's, so the module's log-odds
+    stay those of a classifier like the original."""
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-4
+    seed: int = 0
+
+
+def recover(module: ClassModule, teacher: nn.Module, data: Data, cfg: RecoverConfig | None = None,
+            progress: bool = True) -> ClassModule:
+    """A copy of module with its remaining weights distilled from teacher (the original model) on data; uncalibrated."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or RecoverConfig()
+    if cfg.steps < 0 or cfg.batch_size < 2 or not cfg.lr > 0:
+        raise HeadsError(f"RecoverConfig needs steps >= 0, batch_size >= 2 and lr > 0, got {cfg}")
+    x, y = tensors(data)
+    pos = torch.isin(y, torch.tensor(module.target))
+    pos_idx, neg_idx = pos.nonzero().squeeze(1), (~pos).nonzero().squeeze(1)
+    if not len(pos_idx) or not len(neg_idx):
+        raise HeadsError(f"recover needs images of the target {module.target} and of the rest; pass e.g. the training split")
+    out, t0, history = copy.deepcopy(module), time.perf_counter(), []
+    out.threshold = None
+    net = out.backbone.eval()
+    flags = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    for step in tqdm(range(cfg.steps), desc=f"recover {list(module.target)}", disable=not progress, leave=False):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        half = cfg.batch_size // 2
+        idx = torch.cat([pos_idx[torch.randint(len(pos_idx), (half,), generator=g)],
+                         neg_idx[torch.randint(len(neg_idx), (cfg.batch_size - half,), generator=g)]])
+        with torch.no_grad():
+            goal = teacher(x[idx]).log_softmax(-1)
+        loss = F.kl_div(net(x[idx]).log_softmax(-1), goal, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0 or step == cfg.steps - 1:
+            history.append({"step": step, "loss": loss.item()})
+    for p, f in zip(net.parameters(), flags):
+        p.requires_grad_(f)
+    out.info["recover"] = {**asdict(cfg), "history": history, "seconds": time.perf_counter() - t0}
+    return out
+
+
 def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: int, method: Method = "reset",
                     cfg: ResetConfig | None = None, retrain: bool = True, per_side: int | None = None,
                     allow_empty_blocks: bool = False, calibrated: bool = True, seed: int = 0,
-                    importance: torch.Tensor | None = None, progress: bool = True) -> ClassModule:
+                    importance: torch.Tensor | None = None, progress: bool = True,
+                    recover_data: Data | None = None, recover_cfg: RecoverConfig | None = None) -> ClassModule:
     """Build the class module for target with `keep` heads from `data` (the held-out split): 'reset' = gradient-reset
     gate training; a scorer = its top heads, or 'random' = random heads (then, if retrain, gate training with that
     mask fixed, so a random-heads baseline gets the same training as the scored heads).
     Gates are fitted on a c-vs-rest balanced subset (per_side images a side); calibrated sets the threshold on data;
-    a precomputed [blocks, heads] importance (e.g. a row of class_importance) skips the scorer."""
+    a precomputed [blocks, heads] importance (e.g. a row of class_importance) skips the scorer; recover_data (e.g. the
+    training split) adds distillation recovery of the module's weights (recover) before calibration."""
     tgt = check_target(model, target)
     shape = num_heads(model)
     check_keep(shape, keep, allow_empty_blocks)
@@ -237,6 +294,8 @@ def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: 
                                           progress=progress)["history"]
     info["gates"] = gates(work) * mask
     module = extract_module(work, tgt, mask, info["gates"], info)
+    if recover_data is not None:
+        module = recover(module, model, recover_data, recover_cfg, progress)
     if calibrated:
         calibrate(module, data)
     module.info["seconds"] = time.perf_counter() - t0
@@ -380,7 +439,8 @@ def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data
     truth = torch.isin(y, torch.tensor(module.target))
     z, zr = log_odds(logits, module.target), log_odds(ref, module.target)
     pm, pr = top1_in(logits, module.target), top1_in(ref, module.target)
-    rec: dict[str, Any] = {"target": list(module.target), "method": module.info.get("method"),
+    method = f"{module.info.get('method')}{'+recover' if 'recover' in module.info else ''}"
+    rec: dict[str, Any] = {"target": list(module.target), "method": method,
                            "heads_kept": int(module.mask.sum()), "heads_total": module.mask.numel(),
                            "params": param_count(module), "macs": head_macs(module),
                            "agreement": (pm == pr).float().mean().item(), "seconds": module.info.get("seconds")}
@@ -440,6 +500,6 @@ def search_keep(model: VisionTransformer, data: Data, target: Target, keeps: Seq
 
 __all__ = ["PrunedAttention", "prune_heads", "head_counts", "head_macs", "param_count", "ClassModule", "two_logits",
            "top1_in", "best_threshold", "calibrate", "reference_threshold", "extract_module", "random_mask",
-           "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
+           "RecoverConfig", "recover", "decompose_class", "class_importance", "ComposedClassifier", "scores", "compose", "RestrictedClassifier",
            "union_classifier", "restricted", "subset_accuracy", "binary_metrics", "auc", "module_report",
            "latency", "jaccard", "search_keep"]

@@ -237,6 +237,37 @@ def test_decompose_every_method_and_report() -> None:
     assert [r["heads_kept"] for r in recs] == [5, 8] and best is None
 
 
+def test_recover_distils_the_remaining_weights_and_keeps_the_structure() -> None:
+    model, data = tiny(), batch(40)
+    with torch.no_grad():
+        model.head.weight.mul_(30)  # confident logits, so removing heads moves them
+    teacher = {k: v.clone() for k, v in model.state_dict().items()}
+    mod = heads.decompose_class(model, data, 1, 4, "taylor", cfg=heads.ResetConfig(steps=4, batch_size=8),
+                                progress=False)
+    before = {k: v.clone() for k, v in mod.state_dict().items()}
+
+    def kl(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.kl_div(m(data[0]).log_softmax(-1), model(data[0]).log_softmax(-1),
+                                                    log_target=True, reduction="batchmean"))
+
+    same = heads.recover(mod, model, data, heads.RecoverConfig(steps=0), progress=False)
+    assert (same.backbone(data[0]) - mod.backbone(data[0])).abs().max() <= 1e-6 and same.threshold is None
+    rec = heads.recover(mod, model, data, heads.RecoverConfig(steps=80, lr=1e-3, batch_size=16), progress=False)
+    assert kl(rec.backbone) < 0.5 * kl(mod.backbone)
+    assert all(torch.equal(v, mod.state_dict()[k]) for k, v in before.items())  # the input module is untouched
+    assert heads.head_counts(rec) == heads.head_counts(mod) and heads.param_count(rec) == heads.param_count(mod)
+    assert rec.info["recover"]["steps"] == 80 and len(rec.info["recover"]["history"]) == 9
+    assert all(torch.equal(v, teacher[k]) for k, v in model.state_dict().items())
+    full = heads.decompose_class(model, data, 1, 4, "taylor", cfg=heads.ResetConfig(steps=4, batch_size=8),
+                                 progress=False, recover_data=data, recover_cfg=heads.RecoverConfig(steps=3))
+    assert full.info["recover"]["steps"] == 3 and full.threshold is not None
+    with pytest.raises(heads.HeadsError, match="target .* and of the rest"):
+        heads.recover(mod, model, (data[0][:8], torch.ones(8, dtype=torch.long)), progress=False)
+    with pytest.raises(heads.HeadsError, match="RecoverConfig needs"):
+        heads.recover(mod, model, data, heads.RecoverConfig(lr=0.0), progress=False)
+
+
 def test_metrics() -> None:
     pred = torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool)
     truth = torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.bool)

@@ -155,16 +155,24 @@ def sections() -> list[str]:
                          "module BA (%)": pct(r[f"module_{key}"]), "original BA (%)": pct(r[f"original_{key}"]),
                          "random-heads BA (%)": pct(g.loc["random", f"module_{key}"]),
                          "within 1 pt": "yes" if r[f"module_{key}"] >= r[f"original_{key}"] - 0.01 else "no",
+                         **({"+ recovery: module / random-heads BA (%)":
+                             f"{pct(g.loc['reset+recover', f'module_{key}'])} / "
+                             f"{pct(g.loc['random+recover', f'module_{key}'])}",
+                             "+ recovery within 1 pt": "yes" if g.loc["reset+recover", f"module_{key}"]
+                             >= r[f"original_{key}"] - 0.01 else "no"} if "reset+recover" in g.index else {}),
                          "module F1 / original F1": f"{r.module_f1:.3f} / {r.original_f1:.3f}",
                          "params (M)": f"{r.params / 1e6:.2f}", "MMACs": f"{r.macs / 1e6:.1f}",
                          "latency speedup": f"{r.latency_speedup:.2f}x" if "latency_speedup" in r else "",
                          "decomposition (s)": f"{r.seconds:.0f}"})
         out.append("**Class modules** (`notebooks/04_head_modules`, CONFIG=full; random heads get the same gate "
                    "training; c-vs-rest balanced accuracy on the test set at thresholds calibrated on the held-out split; the original model mapped to c-vs-rest on the "
-                   "same images):\n\n" + md(pd.DataFrame(rows)))
+                   "same images; '+ recovery': the same modules after opt-in distillation of their remaining weights "
+                   "from the original model on the training split, `modules.recover`):\n\n" + md(pd.DataFrame(rows)))
     comp = load("heads_composition.json")
     if comp:
         d = pd.DataFrame([{"classes": " + ".join(c["classes"]), "composed (%)": pct(c["composed"]),
+                           **({"composed, recovered modules (%)": pct(c["composed_recovered"])}
+                              if "composed_recovered" in c else {}),
                            "union of heads (%)": pct(c["union_of_heads"]), "union heads kept": c["union_heads_kept"],
                            "original restricted to S (%)": pct(c["original_restricted"])} for c in comp])
         out.append("**Composed classifiers** (|S|-way test accuracy):\n\n" + md(d))

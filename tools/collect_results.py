@@ -22,6 +22,7 @@ COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_basel
           "search_full/table.json": "search_random_table.json",
           "search_evolve/table.json": "search_evolve_table.json",
           "search_targeted/table.json": "search_targeted_table.json",
+          "search_targeted60/table.json": "search_targeted60_table.json",
           **{f"03_ablations/{n}.json": f"ablations_{n}.json"
              for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random", "selection")},
           **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")}}
@@ -45,7 +46,7 @@ def md(df: pd.DataFrame) -> str:
 
 def search_runs() -> dict[str, Any]:
     out = {}
-    for name in ("search_full", "search_evolve", "search_targeted"):
+    for name in ("search_full", "search_evolve", "search_targeted", "search_targeted60"):
         inv = RUNS / name / "invocations.jsonl"
         if inv.exists():
             rows = [json.loads(x) for x in inv.read_text().splitlines() if x.strip()]
@@ -58,7 +59,8 @@ def search_runs() -> dict[str, Any]:
 
 def per_search_picks() -> pd.DataFrame | None:
     tables = {"random 10k": "search_random_table.json", "evolve 3k": "search_evolve_table.json",
-              "targeted evolve 4.5k": "search_targeted_table.json", "combined (shipped)": "search_table.json"}
+              "targeted evolve 4.5k": "search_targeted_table.json", "targeted 60 % 3.5k": "search_targeted60_table.json",
+              "combined (shipped)": "search_table.json"}
     loaded = {k: load(v) for k, v in tables.items()}
     if not any(loaded.values()):
         return None
@@ -67,7 +69,8 @@ def per_search_picks() -> pd.DataFrame | None:
     for b in (0.5, 0.6, 0.7, 0.8):
         row: dict[str, str] = {"budget": f"{b:.0%}"}
         for name, t in loaded.items():
-            fit = [e for e in (t or {}).get("entries", []) if e["macs"] <= b * full]
+            targets = (t or {}).get("search", {}).get("targets")
+            fit = [e for e in (t or {}).get("entries", []) if e["macs"] <= b * full and (not targets or b in targets)]
             e = min(fit, key=lambda e: e["scores"]["kl"]) if fit else None
             row[name] = "-" if e is None else (f"{e['scores']['kl']:.4f} / {pct(e['scores']['acc'])} @ "
                                                f"{100 * e['macs'] / full:.1f} %")

@@ -64,13 +64,23 @@ def throughput(model: torch.nn.Module, input_size: tuple[int, ...] | None = None
             "threads": torch.get_num_threads()}
 
 
+def _cpu_sdpa_mapping() -> dict[Any, Any]:
+    """FlopCounterMode formula for the CPU fused-attention kernel, which torch's registry leaves uncounted."""
+    from torch.utils import flop_counter as fc
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fc.flop_registry:
+        return {}
+    return {op: lambda q, k, v, *_a, out_shape=None, **_k: fc.sdpa_flop_count(q, k, v)}
+
+
 def counted_macs(model: torch.nn.Module, input_size: tuple[int, ...] | None = None, batch_size: int = 1) -> int:
     """Matmul/conv MACs per image of the real forward, counted by torch.utils.flop_counter.FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = input_size or tuple(model.pretrained_cfg["input_size"])  # type: ignore[index]
     x = torch.randn(batch_size, *size)
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
     with counter, torch.inference_mode():
         model.eval()(x)
     return counter.get_total_flops() // 2 // batch_size

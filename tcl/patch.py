@@ -10,8 +10,8 @@ log size term is left out of both the attention and the importance.
 Options of `patch`: merge='attention' merges the lowest-importance kept tokens each into its most similar
 higher-importance one, 'bipartite' is ToMe's matching; fuse=True folds pruned tokens into one EViT token (the
 attention-weighted mean, counted in the schedule's prune count; in the same block's merge step it is a token like
-the others, ranked by the pruned tokens' total attention); similarity='keys' (head-mean keys, by cosine) or
-'features' (the block's tokens) for matching; order='merge_prune' merges away prune[i] - merge[i] tokens first,
+the others, ranked by the pruned tokens' total attention); similarity='keys' (head-mean keys, by cosine, as ToMe),
+'head_keys' (the mean over heads of each head's key cosine) or 'features' (the block's tokens) for matching; order='merge_prune' merges away prune[i] - merge[i] tokens first,
 then prunes to merge[i]; trace_source=True keeps the [B, N, N_input] 0/1 source matrix.
 The last forward's state is in `model._tcl_info`: "size" ([B, N, 1] tokens' patch counts, None while all are
 1), "source" (None unless traced), "schedule", "config".
@@ -32,7 +32,7 @@ from . import tokens
 from .schedule import Schedule, ScheduleError, vit_dims
 
 MergeKind = Literal["attention", "bipartite"]
-Similarity = Literal["keys", "features"]
+Similarity = Literal["keys", "head_keys", "features"]
 Order = Literal["prune_merge", "merge_prune"]
 
 
@@ -60,11 +60,12 @@ def _steps(cfg: PatchConfig, n_in: int, p: int, m: int) -> tuple[tuple[str, int]
 class TclAttention(Attention):
     """timm Attention plus `forward_tcl`, which is timm's forward with log(size) added to the logits as a float
     mask of the same fused attention (proportional attention), also returning the class-token attention row and
-    the head-summed keys when asked; `forward` itself is timm's, unchanged."""
+    the keys as a matching metric when asked; `forward` itself is timm's, unchanged."""
 
     def forward_tcl(self, x: Tensor, size: Tensor | None, readers: int, want_cls: bool,
-                    want_keys: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(output, class attention [B, H, N] or None, head-summed keys [B, N, head_dim] or None)."""
+                    keys_as: Similarity | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(output, class attention [B, H, N] or None, matching metric or None: head-summed keys [B, N, head_dim]
+        for keys_as='keys', per-head unit keys concatenated [B, N, H * head_dim] for 'head_keys')."""
         b, n, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -78,7 +79,11 @@ class TclAttention(Attention):
             attn = attn if bias is None else attn + bias
             o = self.attn_drop(attn.softmax(dim=-1)) @ v
         cls = tokens.cls_attention(q, k, self.scale, readers, size) if want_cls else None
-        keys = tokens.head_sum(k.transpose(1, 2)) if want_keys else None
+        keys = None
+        if keys_as == "keys":
+            keys = tokens.head_sum(k.transpose(1, 2))
+        elif keys_as == "head_keys":
+            keys = F.normalize(k, dim=-1).transpose(1, 2).flatten(2)
         o = self.norm(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
         if gate is not None:
             o = o * gate
@@ -109,9 +114,9 @@ class TclBlock(Block):
             info["source"] = tokens.init_source(x.shape[0], n_in, x.device, x.dtype)
         prunes, merges = p < n_in, m < p
         want_cls = prunes or (merges and cfg.merge == "attention")
-        want_keys = merges and cfg.similarity == "keys"
+        keys_as = cfg.similarity if merges and cfg.similarity != "features" else None
         y, cls, keys = self.attn.forward_tcl(self.norm1(x), info["size"] if cfg.prop_attn else None, cfg.readers,
-                                             want_cls, want_keys)
+                                             want_cls, keys_as)
         x = x + self.drop_path1(self.ls1(y))
         if prunes or merges:
             x = self._reduce(x, None if cls is None else cls.mean(dim=1), keys, cfg, info)
@@ -205,7 +210,7 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention
           trace_source: bool = False) -> nn.Module:
     """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it."""
     for name, value, allowed in (("merge", merge, ("attention", "bipartite")), ("similarity", similarity,
-                                 ("keys", "features")), ("order", order, ("prune_merge", "merge_prune"))):
+                                 ("keys", "head_keys", "features")), ("order", order, ("prune_merge", "merge_prune"))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
     if not isinstance(model, VisionTransformer):
@@ -257,7 +262,7 @@ def extra_macs(model: nn.Module) -> int:
     cfg: PatchConfig = info["config"]
     attn = model.blocks[0].attn
     heads, qk_dim = attn.num_heads, attn.num_heads * attn.head_dim
-    metric_dim = attn.head_dim if cfg.similarity == "keys" else model.embed_dim
+    metric_dim = {"keys": attn.head_dim, "head_keys": qk_dim}.get(cfg.similarity, model.embed_dim)
     total, n = 0, vit_dims(model).tokens
     for p, m in zip(info["schedule"].prune, info["schedule"].merge):
         if p < n or (m < p and cfg.merge == "attention"):

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from timm.models.deit import VisionTransformerDistilled
@@ -26,9 +27,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "layerscale": {"init_values": 0.1},
     "qk_norm": {"qk_norm": True},
 }
+SIMILARITIES = ["keys", "head_keys", "features"]
 OPTIONS = [dict(merge=m, fuse=f, order=o, similarity=s, prop_attn=p, trace_source=t)
            for m, f, o, s, p, t in itertools.product(["attention", "bipartite"], [False, True],
-                                                     ["prune_merge", "merge_prune"], ["keys", "features"],
+                                                     ["prune_merge", "merge_prune"], SIMILARITIES,
                                                      [True, False], [False, True])]
 ORDERS = ["prune_merge", "merge_prune"]
 INPUT = (3, 32, 32)
@@ -111,7 +113,7 @@ def test_compressed_forward_follows_the_schedule(variant: str, data: st.DataObje
     d = vit_dims(model)
     merge, order = data.draw(st.sampled_from(["attention", "bipartite"])), data.draw(st.sampled_from(ORDERS))
     s = data.draw(schedules(model, merge, order))
-    fuse, similarity = data.draw(st.booleans()), data.draw(st.sampled_from(["keys", "features"]))
+    fuse, similarity = data.draw(st.booleans()), data.draw(st.sampled_from(SIMILARITIES))
     try:
         tcl.patch(model, s, merge=merge, order=order, fuse=fuse, similarity=similarity, trace_source=True)
     except ScheduleError:
@@ -151,7 +153,8 @@ def test_macs_cross_check_on_tiny_variants(variant: str) -> None:
     d = vit_dims(model)
     n = d.tokens
     s = Schedule([n - 2, n - 5, n - 7], [n - 3, n - 6, n - 8])
-    for opts in [dict(), dict(fuse=True), dict(similarity="features"), dict(order="merge_prune")]:
+    for opts in [dict(), dict(fuse=True), dict(similarity="features"),
+                 dict(similarity="head_keys"), dict(order="merge_prune")]:
         tcl.patch(model, s, **opts)
         assert counted_macs(model) == tcl.macs(model, s) + extra_macs(model), opts
     t = Schedule.tome(model, 2)
@@ -225,3 +228,15 @@ def test_bad_inputs_raise_clear_errors() -> None:
         dyn(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="attention masks"):
         dyn.blocks[0](torch.randn(1, n, 32), attn_mask=torch.zeros(n, n))
+
+
+def test_head_keys_similarity_is_the_mean_of_per_head_key_cosines() -> None:
+    model = tcl.patch(tiny("cls"), Schedule.tome(tiny("cls"), 2), merge="bipartite", similarity="head_keys")
+    attn, x = model.blocks[0].attn, torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, _, metric = attn.forward_tcl(x, None, 1, False, "head_keys")
+        k = attn.qkv(x).reshape(2, 17, 3, attn.num_heads, attn.head_dim)[:, :, 1]  # [B, N, H, D]
+        per_head = F.cosine_similarity(k[:, :, None], k[:, None], dim=-1).mean(-1)  # [B, N, N]
+    unit = F.normalize(metric, dim=-1)
+    assert metric.shape == (2, 17, attn.num_heads * attn.head_dim)
+    assert torch.allclose(unit @ unit.transpose(1, 2), per_head, atol=1e-5)

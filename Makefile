@@ -28,9 +28,10 @@ data: setup
 	  fi; $(PY) -W ignore -m tcl.data --check; }
 
 # pytest over tests/ plus nbval over every notebook (default = embedded CPU parameters).
-# Figures from test runs go to runs/test-figures so the committed figures/ stay those of `make reproduce`.
+# Figures and run outputs of test runs go to runs/test-figures and runs/test, so the committed figures/ and the
+# runs/<notebook>/ outputs of `make reproduce` stay as they are.
 test: data
-	TCL_FIGURES=$(CURDIR)/runs/test-figures $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax -q --durations=15
+	TCL_FIGURES=$(CURDIR)/runs/test-figures TCL_RUNS=$(CURDIR)/runs/test $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax -q --durations=15
 
 # Execute every notebook with papermill into runs/ (CONFIG=full uses configs/<notebook>.full.yaml where present).
 reproduce: data
@@ -47,4 +48,4 @@ reproduce-full:
 	$(MAKE) reproduce CONFIG=full
 
 clean:
-	rm -rf runs/notebooks runs/test-figures
+	rm -rf runs/notebooks runs/test-figures runs/test

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and metrics records."""
+"""Small shared helpers: atomic file writes, metrics records, run-output folders."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def run_dir(path: str | os.PathLike) -> Path:
+    """A run-output folder, moved under $TCL_RUNS when set (so tests leave `make reproduce` outputs alone):
+    with TCL_RUNS=/x, ../runs/a/b -> /x/a/b; paths without a `runs` folder stay as they are."""
+    path, root = Path(path), os.environ.get("TCL_RUNS")
+    if not root or "runs" not in path.parts:
+        return path
+    return Path(root).joinpath(*path.parts[path.parts.index("runs") + 1:])
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -167,3 +167,16 @@ def test_compare_matches_patched_accuracy_and_leaves_model_unpatched():
     tcl.unpatch(m)
     assert recs["tome"]["accuracy"] == pytest.approx(expected)
     assert not hasattr(m, "_tcl_info")
+
+
+def test_run_dir_moves_run_outputs_under_tcl_runs(monkeypatch, tmp_path) -> None:
+    from tcl.utils import run_dir, write_json
+
+    monkeypatch.delenv("TCL_RUNS", raising=False)
+    assert run_dir("../runs/02_rate_search/search") == Path("../runs/02_rate_search/search")
+    monkeypatch.setenv("TCL_RUNS", str(tmp_path))
+    assert run_dir("../runs/02_rate_search/search") == tmp_path / "02_rate_search" / "search"
+    assert run_dir("/data/elsewhere/out") == Path("/data/elsewhere/out")  # a user's own folder is left alone
+    path = write_json(run_dir("../runs/x/m.json"), {"a": 1})
+    assert path == tmp_path / "x" / "m.json" and path.read_text() == '{\n  "a": 1\n}\n'
+    assert not list(path.parent.glob(".*.tmp"))  # the atomic write leaves no temp file

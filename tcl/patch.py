@@ -11,8 +11,9 @@ Options of `patch`: merge='attention' merges the lowest-importance kept tokens e
 higher-importance one, 'bipartite' is ToMe's matching; fuse=True folds pruned tokens into one EViT token (the
 attention-weighted mean, counted in the schedule's prune count; in the same block's merge step it is a token like
 the others, ranked by the pruned tokens' total attention); similarity='keys' (head-mean keys, by cosine, as ToMe),
-'head_keys' (the mean over heads of each head's key cosine) or 'features' (the block's tokens) for matching; order='merge_prune' merges away prune[i] - merge[i] tokens first,
-then prunes to merge[i]; trace_source=True keeps the [B, N, N_input] 0/1 source matrix.
+'head_keys' (the mean over heads of each head's key cosine) or 'features' (the block's tokens) for matching;
+order='merge_prune' merges away prune[i] - merge[i] tokens first, then prunes to merge[i]; trace_source=True keeps
+the [B, N, N_input] 0/1 source matrix.
 The last forward's state is in `model._tcl_info`: "size" ([B, N, 1] tokens' patch counts, None while all are
 1), "source" (None unless traced), "schedule", "config".
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +210,9 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention
           prop_attn: bool = True, similarity: Similarity = "keys", order: Order = "prune_merge",
           trace_source: bool = False) -> nn.Module:
     """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it."""
-    for name, value, allowed in (("merge", merge, ("attention", "bipartite")), ("similarity", similarity,
-                                 ("keys", "head_keys", "features")), ("order", order, ("prune_merge", "merge_prune"))):
+    for name, value, kind in (("merge", merge, MergeKind), ("similarity", similarity, Similarity),
+                              ("order", order, Order)):
+        allowed = get_args(kind)
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
     if not isinstance(model, VisionTransformer):

@@ -1,5 +1,6 @@
-"""Token reduction as pure, batched tensor ops: attention prune (EViT, optional fused token), bipartite merge
-(ToMe), attention-guided merge, size / source tracking and proportional attention.
+"""Token reduction as pure, batched tensor ops: attention prune (optional fused token: EViT's or tcl's mean), ToMe's
+bipartite soft matching and tcl's bipartite variant, attention-guided merge, DiffRate's prune-and-merge step, size /
+source tracking and proportional attention.
 
 Every matching function computes its indices once and returns a `Reduce` closure that applies them to any
 [B, N, ...] tensor (features, sizes, sources, importances): output token j is the group made of the kept input
@@ -9,6 +10,7 @@ distillation, registers) are always kept, at output positions 0..prefix-1, and n
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -131,9 +133,9 @@ def attention_merge(importance: Tensor, metric: Tensor, keep: int, prefix: int) 
 
 
 def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
-    """ToMe: split the non-prefix tokens alternately into A (even) and B (odd), merge the r tokens of A most
-    cosine-similar to B each into its best match (metric [B, N, D], or [B, N, H, D] summed over heads); output
-    [prefix, unmerged A in order, B in order]."""
+    """tcl's bipartite variant of ToMe (not ToMe's split, see tome_merge): split only the non-prefix tokens
+    alternately into A (even) and B (odd), merge the r tokens of A most cosine-similar to B each into its best match
+    (metric [B, N, D], or [B, N, H, D] summed over heads); output [prefix, unmerged A in order, B in order]."""
     batch, n = metric.shape[:2]
     if not 0 <= r <= (n - prefix) // 2:
         raise ValueError(f"bipartite merge removes at most half of the {n - prefix} non-protected tokens, "
@@ -150,6 +152,82 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
     keep = torch.cat([_prefix_idx(batch, prefix, dev), prefix + 2 * unmerged_a, b_idx], 1)
     dst = prefix + unmerged_a.shape[1] + match.gather(1, src_a)
     return groups(keep, prefix + 2 * src_a, dst, n=n)
+
+
+def tome_merge(metric: Tensor, r: int, class_token: bool, distill_token: bool) -> Reduce:
+    """ToMe's bipartite soft matching: all N tokens alternate into A (even) and B (odd); the class token (A's first) is
+    never merged, the distillation token (B's first) never a destination; the r tokens of A most cosine-similar to B
+    (metric [B, N, D], or [B, N, H, D] by its head mean) merge each into its best match. Output: [unmerged A, B], A by
+    position with a class token and by descending score without, the distillation token moved to position 1."""
+    batch, n = metric.shape[:2]
+    protected = int(class_token) + int(distill_token)
+    if not 0 <= r <= (n - protected) // 2:
+        raise ValueError(f"ToMe merges at most half of the {n - protected} non-protected tokens, asked for r={r}; "
+                         "use fewer merges (Schedule.tome caps r)")
+    if r == 0:
+        return identity
+    m = F.normalize(head_sum(metric), dim=-1)
+    scores = m[:, ::2] @ m[:, 1::2].transpose(1, 2)
+    if class_token:
+        scores[:, 0] = -math.inf
+    if distill_token:
+        scores[:, :, 0] = -math.inf
+    best, match = scores.max(dim=-1)
+    rank = best.argsort(dim=1, descending=True)
+    src, unm = rank[:, :r], rank[:, r:]
+    if class_token:
+        unm = unm.sort(dim=1).values
+    dev, na, nb = metric.device, unm.shape[1], n // 2
+    keep = torch.cat([2 * unm, (1 + 2 * torch.arange(nb, device=dev)).expand(batch, nb)], 1)
+    b_pos = na + torch.arange(nb, device=dev)  # output position of B's j-th token
+    if distill_token:  # ToMe's order [unm[0], B[0], unm[1:], B[1:]]
+        perm = torch.cat([torch.tensor([0, na], device=dev), torch.arange(1, na, device=dev),
+                          torch.arange(na + 1, na + nb, device=dev)])
+        keep, b_pos = keep[:, perm], torch.cat([torch.ones(1, dtype=b_pos.dtype, device=dev), b_pos[1:]])
+    return groups(keep, 2 * src, b_pos[match.gather(1, src)], n=n)
+
+
+def evit_prune(importance: Tensor, keep: int, prefix: int) -> tuple[Reduce, Tensor]:
+    """EViT's inattentive-token fusion: keep the prefix and the top-(keep - prefix - 1) other tokens by importance
+    [B, N] (class attention), in descending importance, and fold every other token into one last token. Returns the
+    Reduce (group sums) and per-token weights [B, N, 1] (1 for kept tokens, the importance for fused ones): features
+    become f(x * weights), EViT's attention-weighted sum; sizes and sources f(size), f(source)."""
+    batch, n = importance.shape
+    if not prefix < keep < n:
+        raise ValueError(f"an EViT fused token needs {prefix} < keep < {n} tokens, got keep={keep}; keep one token "
+                         "more than the prefix at least, and fewer than all")
+    order = importance[:, prefix:].argsort(dim=1, descending=True) + prefix
+    kept, fused = order[:, :keep - prefix - 1], order[:, keep - prefix - 1:]
+    head = _prefix_idx(batch, prefix, order.device)
+    f = groups(torch.cat([head, kept, fused[:, :1]], 1), fused[:, 1:], torch.full_like(fused[:, 1:], keep - 1), n=n)
+    weights = torch.ones_like(importance).scatter(1, fused, importance.gather(1, fused)).unsqueeze(-1)
+    return f, weights
+
+
+def diffrate_merge(importance: Tensor, metric: Tensor, prune_keep: int, merge_keep: int,
+                   prefix: int) -> tuple[Reduce, Tensor]:
+    """DiffRate's inference step: keep the prefix and the top-(prune_keep - prefix) tokens by importance [B, N], then
+    merge the lowest-importance of those beyond merge_keep each into its most cosine-similar (by metric [B, N, D])
+    token among the (merge_keep - prefix) highest; kept tokens in descending importance. Returns the Reduce and
+    per-token weights [B, N, 1] (the cosine similarity of a merged token's match, 1 otherwise): features become the
+    unweighted group mean f(x, ones), sizes f(size * weights)."""
+    batch, n = importance.shape
+    _check_keep(merge_keep, prefix, n)
+    if merge_keep > prune_keep:
+        raise ValueError(f"merge_keep={merge_keep} exceeds prune_keep={prune_keep}; a merge only removes tokens")
+    ones = torch.ones_like(importance).unsqueeze(-1)
+    prune_keep = min(prune_keep, n)
+    if merge_keep >= prune_keep:
+        return prune_merge(importance, None, prune_keep, prune_keep, prefix), ones
+    if merge_keep == prefix:
+        raise ValueError(f"merging down to the {prefix} protected tokens leaves no destination; keep at least "
+                         f"{prefix + 1}")
+    order = importance[:, prefix:].topk(prune_keep - prefix, dim=1).indices + prefix
+    dst_pool, src = order[:, :merge_keep - prefix], order[:, merge_keep - prefix:]
+    unit = F.normalize(head_sum(metric), dim=-1)
+    best, match = (take(unit, src) @ take(unit, dst_pool).transpose(1, 2)).max(dim=-1)
+    f = groups(torch.cat([_prefix_idx(batch, prefix, order.device), dst_pool], 1), src, match + prefix, n=n)
+    return f, ones.scatter(1, src.unsqueeze(-1), best.unsqueeze(-1).to(ones.dtype))
 
 
 def merge_wavg(f: Reduce, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,10 @@
 """tcl: token compression and head modularization for Vision Transformers, without fine-tuning."""
-from . import data, evaluate, heads, models, modules, schedule, table, tokens
+from . import data, evaluate, heads, models, modules, schedule, settings, table, tokens
 from .patch import patch, unpatch
 from .schedule import Schedule, ScheduleError, macs
 
 __version__ = "0.1.0"
-__all__ = ["data", "evaluate", "heads", "models", "modules", "schedule", "table", "tokens", "search",
+__all__ = ["data", "evaluate", "heads", "models", "modules", "schedule", "settings", "table", "tokens", "search",
            "patch", "unpatch", "Schedule", "ScheduleError", "macs"]
 
 

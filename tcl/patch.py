@@ -7,21 +7,22 @@ map) and only in blocks that remove tokens. Models without a class token (global
 only) use a cheap proxy instead: the attention row of the size-weighted mean query. With prop_attn=False the
 log size term is left out of both the attention and the importance.
 
-Options of `patch`: merge='attention' merges the lowest-importance kept tokens each into its most similar
-higher-importance one, 'bipartite' is ToMe's matching; fuse=True folds pruned tokens into one EViT token (the
-attention-weighted mean, counted in the schedule's prune count; in the same block's merge step it is a token like
-the others, ranked by the pruned tokens' total attention); similarity='keys' (head-mean keys, by cosine, as ToMe),
-'head_keys' (the mean over heads of each head's key cosine) or 'features' (the block's tokens) for matching;
-order='merge_prune' merges away prune[i] - merge[i] tokens first, then prunes to merge[i]; trace_source=True keeps
-the [B, N, N_input] 0/1 source matrix.
+The op is given by tcl.settings.PatchSettings: carried by the schedule (Schedule.tome / Schedule.evit, a
+LookupTable's selection) or passed as keywords (see tcl.settings for what each option means). The baselines equal
+their official code: merge='tome' is ToMe (timm's own pooling is kept, as ToMe keeps it), fuse='evit' with
+prop_attn=False is EViT's inference (sizes are tracked but EViT uses none; a block whose count does not fall is
+left alone, where EViT would still scale a lone inattentive token by its attention), merge='diffrate' is
+DiffRate's inference op; ToMe is defined for class / distillation tokens or none, EViT and DiffRate for exactly one
+class token, and other models raise. order='merge_prune' merges away prune[i] - merge[i] tokens first, then prunes
+to merge[i]; trace_source=True keeps the [B, N, N_input] 0/1 source matrix.
 The last forward's state is in `model._tcl_info`: "size" ([B, N, 1] tokens' patch counts, None while all are
-1), "source" (None unless traced), "schedule", "config".
+1), "source" (None unless traced), "schedule", "settings", "config".
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +32,10 @@ from torch import Tensor, nn
 
 from . import tokens
 from .schedule import Schedule, ScheduleError, vit_dims
+from .settings import Fuse, MergeKind, Order, PatchSettings, SettingsError, Similarity
 
-MergeKind = Literal["attention", "bipartite"]
-Similarity = Literal["keys", "head_keys", "features"]
-Order = Literal["prune_merge", "merge_prune"]
+__all__ = ["patch", "unpatch", "extra_macs", "PatchConfig", "PatchSettings", "SettingsError", "MergeKind", "Fuse",
+           "Similarity", "Order"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,15 @@ class PatchConfig:
     """How a patched model reduces tokens (see `patch`), plus what it read off the model."""
 
     merge: MergeKind
-    fuse: bool
+    fuse: Fuse
     prop_attn: bool
-    similarity: Similarity
+    similarity: Similarity  # resolved: PatchSettings.metric
     order: Order
     trace_source: bool
     prefix: int  # protected tokens: class, distillation, registers
     readers: int  # class tokens whose attention row ranks the others (0: mean-query proxy)
+    class_token: bool
+    distill_token: bool
 
 
 def _steps(cfg: PatchConfig, n_in: int, p: int, m: int) -> tuple[tuple[str, int], tuple[str, int]]:
@@ -114,7 +117,7 @@ class TclBlock(Block):
         if cfg.trace_source and info["source"] is None:
             info["source"] = tokens.init_source(x.shape[0], n_in, x.device, x.dtype)
         prunes, merges = p < n_in, m < p
-        want_cls = prunes or (merges and cfg.merge == "attention")
+        want_cls = prunes or (merges and cfg.merge in ("attention", "diffrate"))
         keys_as = cfg.similarity if merges and cfg.similarity != "features" else None
         y, cls, keys = self.attn.forward_tcl(self.norm1(x), info["size"] if cfg.prop_attn else None, cfg.readers,
                                              want_cls, keys_as)
@@ -129,7 +132,7 @@ class TclBlock(Block):
         size, source = info["size"], info["source"]
         _, n_in, p, m = self._tcl_step
         steps: tuple[tuple[str, int], ...] = _steps(cfg, n_in, p, m)
-        if cfg.merge == "attention" and cfg.order == "prune_merge" and not cfg.fuse:
+        if cfg.merge in ("attention", "diffrate") and cfg.order == "prune_merge" and cfg.fuse == "none":
             steps = (("prune_merge", m),)  # both steps from one ranking: the same result, one gather
         for j, (kind, keep) in enumerate(steps):
             n = x.shape[1]
@@ -138,20 +141,32 @@ class TclBlock(Block):
             assert imp is not None or kind == "merge"
             f: tokens.Reduce
             metric = x if keys is None else keys
-            if kind == "prune_merge":
-                f = tokens.prune_merge(imp, metric, p, m, cfg.prefix)
-            elif kind == "prune":
-                f = tokens.prune(imp, keep, cfg.prefix, cfg.fuse)
-            elif cfg.merge == "attention":
-                f = tokens.attention_merge(imp, metric, keep, cfg.prefix)
+            if kind == "prune_merge" and cfg.merge == "diffrate" and m < p:  # unweighted means, sizes scaled by similarity
+                f, w = tokens.diffrate_merge(imp, metric, p, m, cfg.prefix)
+                size = f(w if size is None else size * w)
+                x = f(x, torch.ones_like(w))
+            elif kind == "prune" and cfg.fuse == "evit":  # the class-attention-weighted sum
+                f, w = tokens.evit_prune(imp, keep, cfg.prefix)
+                size = f(torch.ones_like(x[..., :1]) if size is None else size)  # used only with prop_attn
+                x = f(x * w)
             else:
-                f = tokens.bipartite_merge(metric, n - keep, cfg.prefix)
-            if kind == "merge" or (kind == "prune_merge" and m < p):
-                x, size = tokens.merge_wavg(f, x, size)
-            else:  # a prune; with fuse, the fused token is the attention-weighted mean of the pruned ones
-                if size is not None or cfg.fuse:
-                    size = f(torch.ones_like(x[..., :1]) if size is None else size)
-                x = f(x, imp.unsqueeze(-1).clamp_min(torch.finfo(imp.dtype).tiny) if cfg.fuse else None)
+                if kind == "prune_merge":
+                    f = tokens.prune_merge(imp, metric, p, m, cfg.prefix)
+                elif kind == "prune":
+                    f = tokens.prune(imp, keep, cfg.prefix, cfg.fuse == "mean")
+                elif cfg.merge == "attention":
+                    f = tokens.attention_merge(imp, metric, keep, cfg.prefix)
+                elif cfg.merge == "tome":
+                    f = tokens.tome_merge(metric, n - keep, cfg.class_token, cfg.distill_token)
+                else:
+                    f = tokens.bipartite_merge(metric, n - keep, cfg.prefix)
+                if kind == "merge" or (kind == "prune_merge" and m < p):
+                    x, size = tokens.merge_wavg(f, x, size)
+                else:  # a prune; with fuse='mean', the fused token is the attention-weighted mean of the pruned ones
+                    fused = cfg.fuse == "mean"
+                    if size is not None or fused:
+                        size = f(torch.ones_like(x[..., :1]) if size is None else size)
+                    x = f(x, imp.unsqueeze(-1).clamp_min(torch.finfo(imp.dtype).tiny) if fused else None)
             if source is not None:
                 source = f(source)
             if j + 1 < len(steps) and steps[j + 1][1] < keep:  # the next step ranks / matches the reduced tokens
@@ -171,12 +186,14 @@ def _patched_vit_class(base: type) -> type:
 
     class TclVisionTransformer(base):  # type: ignore[valid-type, misc]
         """The model's own class, except that pool makes 'avg' / 'avgmax' pooling weighted by the token sizes of the
-        last forward ('map' attention pooling ignores sizes); block 0 resets sizes / sources at every forward."""
+        last forward ('map' attention pooling ignores sizes; merge='tome' keeps timm's unweighted pooling, as ToMe
+        does); block 0 resets sizes / sources at every forward."""
 
         def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
             """Base pooling, with average pooling weighted by token sizes."""
             size, pool_type = self._tcl_info["size"], self.global_pool if pool_type is None else pool_type
-            if size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax"):
+            if (size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax")
+                    or self._tcl_info["config"].merge == "tome"):
                 return super().pool(x, pool_type)
             if not self.pool_include_prefix:
                 x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
@@ -196,30 +213,45 @@ def _check_steps(s: Schedule, cfg: PatchConfig, tokens_in: int) -> None:
             before = p if (kind, cfg.order) == ("merge", "prune_merge") else n
             if kind != "merge" or keep >= before:
                 continue
-            if cfg.merge == "bipartite" and before - keep > (before - cfg.prefix) // 2:
+            if cfg.merge in ("bipartite", "tome") and before - keep > (before - cfg.prefix) // 2:
                 raise ScheduleError(f"block {i}: bipartite merging removes at most half of the {before - cfg.prefix} "
                                     f"non-protected tokens, the schedule asks for {before - keep}; use "
-                                    "merge='attention' or a schedule with fewer merges (Schedule.tome clips r)")
-            if cfg.merge == "attention" and keep <= cfg.prefix:
+                                    "merge='attention' or a schedule with fewer merges (Schedule.tome caps r)")
+            if cfg.merge in ("attention", "diffrate") and keep <= cfg.prefix:
                 raise ScheduleError(f"block {i}: merging down to the {cfg.prefix} protected tokens leaves no "
                                     f"destination; keep at least {cfg.prefix + 1} tokens after a merge")
         n = m
 
 
-def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention", fuse: bool = False,
-          prop_attn: bool = True, similarity: Similarity = "keys", order: Order = "prune_merge",
-          trace_source: bool = False) -> nn.Module:
-    """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it."""
-    for name, value, kind in (("merge", merge, MergeKind), ("similarity", similarity, Similarity),
-                              ("order", order, Order)):
-        allowed = get_args(kind)
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r} is not one of {allowed}")
+def _check_defined(model: VisionTransformer, st: PatchSettings, prefix: int) -> None:
+    """Raise ValueError where a baseline's official code does not define the model's prefix tokens."""
+    cls_only = model.cls_token is not None and prefix == 1
+    if st.merge == "tome" and getattr(model, "num_reg_tokens", 0):
+        raise ValueError("ToMe is defined for class and distillation tokens, not register tokens; use "
+                         "merge='bipartite' (tcl's split, which protects registers)")
+    for name, used in (("merge='diffrate' (DiffRate)", st.merge == "diffrate"), ("fuse='evit' (EViT)", st.fuse == "evit")):
+        if used and not cls_only:
+            raise ValueError(f"{name} ranks tokens by the class token's attention and is defined for one class token "
+                             f"and no other prefix tokens; this model has {prefix} prefix token(s) (cls_token "
+                             f"{'present' if model.cls_token is not None else 'absent'}): use merge='attention' / "
+                             "fuse='mean', tcl's variants")
+
+
+def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind | None = None, fuse: Fuse | bool | None = None,
+          prop_attn: bool | None = None, similarity: Similarity | None = None, order: Order | None = None,
+          trace_source: bool = False, override: bool = False) -> nn.Module:
+    """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it.
+
+    The op is the schedule's carried settings, else tcl.settings.PatchSettings' defaults, with the given keywords
+    applied; a keyword that contradicts carried settings raises SettingsError unless override=True."""
+    given = {k: v for k, v in dict(merge=merge, fuse=fuse, prop_attn=prop_attn, similarity=similarity,
+                                   order=order).items() if v is not None}
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"tcl.patch needs a timm VisionTransformer, got {type(model).__name__}; build it with "
                         "tcl.models.create(name) / tcl.models.reference() or timm.models.vision_transformer")
     if not isinstance(schedule, Schedule):
         raise ScheduleError(f"expected a tcl.Schedule, got {type(schedule).__name__}; build one with tcl.Schedule(...)")
+    st = PatchSettings(**given) if schedule.settings is None else schedule.settings.resolve(given, override)
     for i, blk in enumerate(model.blocks):
         if type(blk) not in (Block, TclBlock) or type(blk.attn) not in (Attention, TclAttention):
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; tcl.patch supports "
@@ -227,11 +259,13 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind = "attention
                             "not parallel/post-norm/RoPE blocks")
     dims = vit_dims(model)
     schedule.check(dims)
-    cfg = PatchConfig(merge, fuse, prop_attn, similarity, order, trace_source, dims.prefix,
-                      dims.prefix - getattr(model, "num_reg_tokens", 0))
+    _check_defined(model, st, dims.prefix)
+    distill = getattr(model, "dist_token", None) is not None
+    cfg = PatchConfig(st.merge, st.fuse, st.prop_attn, st.metric, st.order, trace_source, dims.prefix,
+                      dims.prefix - getattr(model, "num_reg_tokens", 0), model.cls_token is not None, distill)
     _check_steps(schedule, cfg, dims.tokens)
     unpatch(model)
-    info: dict[str, Any] = {"schedule": schedule, "config": cfg, "size": None, "source": None,
+    info: dict[str, Any] = {"schedule": schedule, "settings": st, "config": cfg, "size": None, "source": None,
                             "vit_class": type(model)}
     model.__class__ = _patched_vit_class(type(model))
     model._tcl_info = info
@@ -267,12 +301,13 @@ def extra_macs(model: nn.Module) -> int:
     metric_dim = {"keys": attn.head_dim, "head_keys": qk_dim}.get(cfg.similarity, model.embed_dim)
     total, n = 0, vit_dims(model).tokens
     for p, m in zip(info["schedule"].prune, info["schedule"].merge):
-        if p < n or (m < p and cfg.merge == "attention"):
+        if p < n or (m < p and cfg.merge in ("attention", "diffrate")):
             total += max(cfg.readers, 1) * n * qk_dim * heads  # class-attention rows (block-diagonal GEMM, H x)
         if m < p:
             before = p if cfg.order == "prune_merge" else n
             other = before - cfg.prefix
-            pairs = ((p - m) * (other - (p - m)) if cfg.merge == "attention"
+            pairs = ((p - m) * (other - (p - m)) if cfg.merge in ("attention", "diffrate")
+                     else math.ceil(before / 2) * (before // 2) if cfg.merge == "tome"
                      else math.ceil(other / 2) * (other // 2))
             total += pairs * metric_dim
         n = m

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .settings import PatchSettings, SettingsError
+
 
 class ScheduleError(ValueError):
     """Raised for a schedule that does not fit the model (or is malformed)."""
@@ -52,13 +54,16 @@ def vit_dims(model: "torch.nn.Module | ViTDims") -> ViTDims:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Kept tokens per block after its prune step and after its merge step (prefix tokens included)."""
+    """Kept tokens per block after its prune step and after its merge step (prefix tokens included), and the patch
+    settings it belongs to (None: tcl.patch's keyword arguments and defaults apply). Equality compares the counts."""
 
     prune: tuple[int, ...]
     merge: tuple[int, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    settings: PatchSettings | None = field(default=None, compare=False)
 
-    def __init__(self, prune: Sequence[int], merge: Sequence[int], meta: dict[str, Any] | None = None):
+    def __init__(self, prune: Sequence[int], merge: Sequence[int], meta: dict[str, Any] | None = None,
+                 settings: PatchSettings | None = None):
         if len(prune) != len(merge):
             raise ScheduleError(f"prune has {len(prune)} entries but merge has {len(merge)}; give one count per block to each")
         if not all(isinstance(v, (int,)) or (hasattr(v, "__index__")) for v in [*prune, *merge]):
@@ -66,6 +71,9 @@ class Schedule:
         object.__setattr__(self, "prune", tuple(int(v) for v in prune))
         object.__setattr__(self, "merge", tuple(int(v) for v in merge))
         object.__setattr__(self, "meta", dict(meta or {}))
+        if settings is not None and not isinstance(settings, PatchSettings):
+            raise ScheduleError(f"settings must be a tcl.settings.PatchSettings, got {type(settings).__name__}")
+        object.__setattr__(self, "settings", settings)
         prev = None
         for i, (p, m) in enumerate(zip(self.prune, self.merge)):
             if m > p or (prev is not None and p > prev):
@@ -76,6 +84,10 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.prune)
 
+    def with_settings(self, settings: PatchSettings | None) -> "Schedule":
+        """The same counts and meta carrying other patch settings (None: carry nothing)."""
+        return Schedule(self.prune, self.merge, self.meta, settings)
+
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
     def full(cls, model: torch.nn.Module) -> "Schedule":
@@ -84,25 +96,31 @@ class Schedule:
         return cls([d.tokens] * d.depth, [d.tokens] * d.depth, {"kind": "full"})
 
     @classmethod
-    def tome(cls, model: torch.nn.Module, r: float) -> "Schedule":
-        """ToMe: merge r tokens in every block (a fractional r spreads floor/ceil evenly; clipped to what fits)."""
+    def tome(cls, model: torch.nn.Module | ViTDims, r: float | tuple[float, float] | Sequence[int]) -> "Schedule":
+        """ToMe with model.r = r (an int, a float, (r, inflection) or a per-block list, as ToMe's parse_r reads it),
+        each block's r capped at half the non-protected tokens as ToMe's matching does; carries merge='tome'."""
         d = vit_dims(model)
-        if r < 0:
-            raise ScheduleError(f"r must be >= 0, got {r}")
+        per_block = _tome_r(d.depth, r)
+        if any(v < 0 for v in per_block):
+            raise ScheduleError(f"r must be >= 0 in every block, got {per_block}")
         prune, merge, n = [], [], d.tokens
-        for i in range(d.depth):
+        for r_i in per_block:
             prune.append(n)
-            r_i = math.floor((i + 1) * r + 1e-9) - math.floor(i * r + 1e-9)
-            # bipartite matching can merge at most half the non-protected tokens
-            n = max(n - min(r_i, (n - d.prefix) // 2), d.min_tokens)
+            n -= max(min(r_i, (n - d.prefix) // 2), 0)  # ToMe: r = min(r, (t - protected) // 2)
             merge.append(n)
-        return cls(prune, merge, {"kind": "tome", "r": r})
+        return cls(prune, merge, {"kind": "tome", "r": r if isinstance(r, (int, float)) else list(r)},
+                   PatchSettings(merge="tome"))
 
     @classmethod
-    def evit(cls, model: torch.nn.Module, keep: float, layers: Sequence[int] | None = None,
+    def evit(cls, model: torch.nn.Module | ViTDims, keep: float, layers: Sequence[int] | None = None,
              fuse: bool = False) -> "Schedule":
-        """EViT: at `layers` (default 3/6/9 of 12, scaled to depth) keep ceil(keep·non-protected), +1 fused token if fuse."""
+        """EViT: at `layers` (default 3/6/9 of 12, scaled to depth) keep ceil(keep·non-protected), +1 fused token if
+        fuse; carries EViT's settings (fuse='evit' or none, no proportional attention)."""
         d = vit_dims(model)
+        if isinstance(model, torch.nn.Module) and not (getattr(model, "cls_token", None) is not None and d.prefix == 1):
+            raise ScheduleError("EViT ranks tokens by the class token's attention and is defined for a ViT with one "
+                                f"class token and no other prefix tokens; this model has {d.prefix} prefix token(s) "
+                                "(distillation / registers / no class token): build a tcl.Schedule instead")
         if not 0 < keep <= 1:
             raise ScheduleError(f"keep must be in (0, 1], got {keep}")
         layers = list(layers) if layers is not None else [round(b * d.depth / 12) for b in (3, 6, 9)]
@@ -116,7 +134,8 @@ class Schedule:
                 n = d.prefix + kept + (1 if fuse and kept < patches else 0)  # the fused token, if any
             prune.append(n)
             merge.append(n)
-        return cls(prune, merge, {"kind": "evit", "keep": keep, "layers": layers, "fuse": fuse})
+        return cls(prune, merge, {"kind": "evit", "keep": keep, "layers": layers, "fuse": fuse},
+                   PatchSettings(fuse="evit" if fuse else "none", prop_attn=False))
 
     # ---- validation / io ----------------------------------------------------------------------------------
     def check(self, model_or_dims: torch.nn.Module | ViTDims) -> "Schedule":
@@ -142,15 +161,20 @@ class Schedule:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
-        return {"prune": list(self.prune), "merge": list(self.merge), "meta": self.meta}
+        """A JSON-able dict (with "settings" when it carries any)."""
+        d = {"prune": list(self.prune), "merge": list(self.merge), "meta": self.meta}
+        return d if self.settings is None else {**d, "settings": self.settings.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Schedule":
         """Inverse of to_dict (raises ScheduleError on a malformed dict)."""
         if not isinstance(d, dict) or "prune" not in d or "merge" not in d:
             raise ScheduleError(f"a schedule is a dict with 'prune' and 'merge' lists, got {str(d)[:100]}")
-        return cls(d["prune"], d["merge"], d.get("meta"))
+        settings = d.get("settings")
+        try:
+            return cls(d["prune"], d["merge"], d.get("meta"), None if settings is None else PatchSettings.from_dict(settings))
+        except SettingsError as err:
+            raise ScheduleError(f"schedule settings are malformed ({err}); write schedules with Schedule.to_dict") from err
 
     def to_json(self) -> str:
         """JSON text."""
@@ -163,6 +187,17 @@ class Schedule:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ScheduleError(f"schedule JSON is malformed ({e}); write it with Schedule.to_json") from e
+
+
+def _tome_r(depth: int, r: float | tuple[float, float] | Sequence[int]) -> list[int]:
+    """ToMe's parse_r: per-block r of a constant (int or float) r, an (r, inflection) pair, or a list (0-padded)."""
+    if isinstance(r, list) or (isinstance(r, Sequence) and not isinstance(r, tuple)):
+        return [int(v) for v in r][:depth] + [0] * max(0, depth - len(r))
+    r, inflect = r if isinstance(r, tuple) else (r, 0.0)
+    low = int(r * (1.0 - inflect))
+    high = 2 * r - low
+    step = (high - low) / (depth - 1) if depth > 1 else 0.0
+    return [int(low + step * i) for i in range(depth)]
 
 
 def block_macs(n_in: int, n_out: int, dim: int, hidden: int) -> int:

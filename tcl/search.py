@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
+from .settings import PatchSettings
 from .table import BudgetError, LookupTable, TableError, better, build_table, mac_bin, model_info, read_log, sort_key
 from .utils import write_json
 
@@ -173,12 +174,15 @@ Apply = Callable[[torch.nn.Module, Schedule], ContextManager[Any]]
 
 
 def patched(**patch_kwargs: Any) -> Apply:
-    """An Apply that compresses the model with tcl.patch(model, schedule, **patch_kwargs) and unpatches on exit."""
+    """An Apply that compresses the model by a schedule's counts with the settings of patch_kwargs (tcl.patch's
+    keywords; whatever settings the schedule carries are replaced) and unpatches on exit."""
     mod = importlib.import_module(".patch", __package__)
+    trace = bool(patch_kwargs.get("trace_source", False))
+    settings = PatchSettings.from_dict(patch_kwargs)
 
     @contextlib.contextmanager
     def apply(model: torch.nn.Module, schedule: Schedule) -> Iterator[torch.nn.Module]:
-        mod.patch(model, schedule, **patch_kwargs)
+        mod.patch(model, schedule.with_settings(settings), trace_source=trace)
         try:
             yield model
         finally:
@@ -224,6 +228,8 @@ class ReferenceScorer:
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(order_seed))
         self.model, self.x, self.y, self.batch_size = model.eval(), x[perm], y[perm], batch_size
         self.apply = apply if apply is not None else patched(**patch_kwargs)
+        # the op every schedule is scored with (what the search's table carries); unknown for a custom apply
+        self.settings = PatchSettings.from_dict(patch_kwargs) if apply is None else None
         self.size, self.dims = len(x), vit_dims(model)
         self.info = {"size": self.size, "order_seed": order_seed, "patch": patch_kwargs, **(info or {})}
         self.full = Schedule.full(model)
@@ -314,7 +320,7 @@ class SearchConfig:
     bin_width: float = 0.01  # MACs bin width, as a fraction of full MACs
     min_fraction: float = 0.25
     max_fraction: float = 1.0
-    max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for bipartite merge)
+    max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for 'bipartite'/'tome')
     rank_by: str = "kl"  # subset score that promotes candidates to the full split
     select_by: str = "kl"  # full-split score that picks each bin's entry (acc is optimistic: notebook 03, section 6)
     init: int = 500  # evolve: random candidates before the first round
@@ -539,7 +545,8 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
         run.log.close()
     table = build_table([run.records[("full", i)] for i in top], info, cfg, data,
                         {"evaluations_subset": len(run.stage("subset", below=cfg.candidates)),
-                         "evaluations_anchor": len(run.stage("anchor")), "evaluations_full": len(top)})
+                         "evaluations_anchor": len(run.stage("anchor")), "evaluations_full": len(top)},
+                        getattr(scorer, "settings", None))
     if out is not None and run.rank == 0:
         table.save(out / "table.json")
     _invocation(out, run, t0)
@@ -683,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> LookupTable:
                                     "batch_size", "cache_images", "threads", "quiet"}
     if unknown:
         raise SearchError(f"unknown option(s) {sorted(unknown)}; see python -m tcl.search --help")
-    if opts.get("patch", {}).get("merge") == "bipartite":
+    if opts.get("patch", {}).get("merge") in ("bipartite", "tome"):
         opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
     rank, world = init_distributed()
     torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))

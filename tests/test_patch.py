@@ -28,9 +28,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "qk_norm": {"qk_norm": True},
 }
 SIMILARITIES = ["keys", "head_keys", "features"]
+MERGES, FUSES = ["attention", "bipartite", "tome", "diffrate"], ["none", "mean", "evit"]
+CLS_ONLY = {"cls", "layerscale", "qk_norm"}  # variants with one class token and no other prefix token
+
+
+def defined(variant: str, merge: str, fuse: str, order: str) -> bool:
+    """Whether the options are defined on the variant (ToMe: no registers; EViT, DiffRate: one class token)."""
+    if merge == "diffrate" and (order != "prune_merge" or fuse != "none"):
+        return False
+    return (merge != "tome" or "registers" not in variant) and (
+        variant in CLS_ONLY or (merge != "diffrate" and fuse != "evit"))
+
+
 OPTIONS = [dict(merge=m, fuse=f, order=o, similarity=s, prop_attn=p, trace_source=t)
-           for m, f, o, s, p, t in itertools.product(["attention", "bipartite"], [False, True],
-                                                     ["prune_merge", "merge_prune"], SIMILARITIES,
+           for m, f, o, s, p, t in itertools.product(MERGES, FUSES, ["prune_merge", "merge_prune"], SIMILARITIES,
                                                      [True, False], [False, True])]
 ORDERS = ["prune_merge", "merge_prune"]
 INPUT = (3, 32, 32)
@@ -69,9 +80,9 @@ def schedules(draw: st.DrawFn, model: torch.nn.Module, merge: str, order: str) -
     for _ in range(d.depth):
         if order == "prune_merge":
             p = draw(st.integers(d.prefix + 1, n))
-            r = draw(st.integers(0, (p - d.prefix) // 2 if merge == "bipartite" else p - d.prefix - 1))
+            r = draw(st.integers(0, (p - d.prefix) // 2 if merge in ("bipartite", "tome") else p - d.prefix - 1))
         else:  # the merge step sees all n tokens, then the prune step keeps p - r
-            r = draw(st.integers(0, (n - d.prefix) // 2 if merge == "bipartite" else n - d.prefix - 1))
+            r = draw(st.integers(0, (n - d.prefix) // 2 if merge in ("bipartite", "tome") else n - d.prefix - 1))
             p = draw(st.integers(r + d.prefix + 1, n))
         prune.append(p)
         kept.append(p - r)
@@ -84,7 +95,7 @@ def test_full_schedule_reproduces_the_unpatched_model(variant: str) -> None:
     model, x = tiny(variant), images()
     with torch.no_grad():
         ref = model(x)
-        for opts in OPTIONS:
+        for opts in (o for o in OPTIONS if defined(variant, o["merge"], o["fuse"], o["order"])):
             tcl.patch(model, Schedule.full(model), **opts)
             assert (model(x) - ref).abs().max() <= 1e-5, opts
         tcl.unpatch(model)
@@ -111,9 +122,10 @@ def test_pruning_the_last_block_to_its_prefix_tokens_is_exact_under_token_poolin
 def test_compressed_forward_follows_the_schedule(variant: str, data: st.DataObject) -> None:
     model, x = tiny(variant), images()
     d = vit_dims(model)
-    merge, order = data.draw(st.sampled_from(["attention", "bipartite"])), data.draw(st.sampled_from(ORDERS))
+    merge, order = data.draw(st.sampled_from(MERGES)), data.draw(st.sampled_from(ORDERS))
     s = data.draw(schedules(model, merge, order))
-    fuse, similarity = data.draw(st.booleans()), data.draw(st.sampled_from(SIMILARITIES))
+    fuse, similarity = data.draw(st.sampled_from(FUSES)), data.draw(st.sampled_from(SIMILARITIES))
+    assume(defined(variant, merge, fuse, order))
     try:
         tcl.patch(model, s, merge=merge, order=order, fuse=fuse, similarity=similarity, trace_source=True)
     except ScheduleError:
@@ -126,9 +138,9 @@ def test_compressed_forward_follows_the_schedule(variant: str, data: st.DataObje
     assert torch.equal(source[:, :d.prefix], torch.eye(d.tokens)[:d.prefix].expand(len(x), -1, -1))
     held = source.sum(1)
     assert set(held.unique().tolist()) <= {0.0, 1.0}  # each input patch in at most one token
-    if size is not None:
+    if size is not None and merge != "diffrate":  # (DiffRate scales merged sizes by their match similarity)
         assert torch.equal(size[..., 0], source.sum(-1))  # a token's size is the patches it holds
-        if all(p == n for p, n in zip(s.prune, (d.tokens, *s.merge[:-1]))) or fuse:  # nothing dropped
+        if all(p == n for p, n in zip(s.prune, (d.tokens, *s.merge[:-1]))) or fuse != "none":  # nothing dropped
             assert torch.equal(size.sum(1), torch.full((len(x), 1), float(d.tokens)))
     # analytic MACs + the documented extras (class-attention rows, similarities) == counted on the real forward
     assert counted_macs(model) == tcl.macs(model, s) + extra_macs(model)
@@ -140,8 +152,9 @@ def test_macs_identity_deit_small_and_compressed_cross_check() -> None:
     tcl.patch(model, s)
     assert counted_macs(model) == tcl.macs(model, s) == tcl.macs(model) and round(tcl.macs(model) / 1e9, 2) == 4.60
     assert extra_macs(model) == 0  # blocks that remove nothing compute no class-attention row or keys
-    for sched, kw in [(Schedule.tome(model, 13), dict(merge="bipartite")),
-                      (Schedule.evit(model, 0.7, fuse=True), dict(fuse=True))]:
+    for sched, kw in [(Schedule.tome(model, 13), {}), (Schedule.tome(model, 13), dict(merge="bipartite", override=True)),
+                      (Schedule.evit(model, 0.7, fuse=True), dict(fuse=True)),
+                      (Schedule([197, 180, 170] + [150] * 9, [180, 170] + [150] * 10), dict(merge="diffrate"))]:
         tcl.patch(model, sched, **kw)
         assert counted_macs(model) == tcl.macs(model, sched) + extra_macs(model)
         assert extra_macs(model) < 0.002 * tcl.macs(model, sched)
@@ -153,18 +166,20 @@ def test_macs_cross_check_on_tiny_variants(variant: str) -> None:
     d = vit_dims(model)
     n = d.tokens
     s = Schedule([n - 2, n - 5, n - 7], [n - 3, n - 6, n - 8])
-    for opts in [dict(), dict(fuse=True), dict(similarity="features"),
+    for opts in [dict(), dict(fuse="mean"), dict(similarity="features"),
                  dict(similarity="head_keys"), dict(order="merge_prune")]:
         tcl.patch(model, s, **opts)
         assert counted_macs(model) == tcl.macs(model, s) + extra_macs(model), opts
     t = Schedule.tome(model, 2)
-    tcl.patch(model, t, merge="bipartite")
-    assert counted_macs(model) == tcl.macs(model, t) + extra_macs(model)
+    for kw in ({}, dict(merge="bipartite", override=True)) if "registers" not in variant else ({"merge": "bipartite",
+                                                                                                 "override": True},):
+        tcl.patch(model, t, **kw)
+        assert counted_macs(model) == tcl.macs(model, t) + extra_macs(model), kw
 
 
 def test_average_pooling_is_size_weighted() -> None:
     model, x = tiny("avg_pool"), images()
-    tcl.patch(model, Schedule.tome(model, 3), merge="bipartite")
+    tcl.patch(model, Schedule.tome(model, 3), merge="bipartite", override=True)  # (ToMe keeps timm's pooling)
     with torch.no_grad():
         feats = model.forward_features(x)
         size = model._tcl_info["size"]
@@ -178,7 +193,7 @@ def test_unpatch_restores_the_model_and_repatching_replaces() -> None:
     with torch.no_grad():
         ref = model(x)
         n = vit_dims(model).tokens
-        tcl.patch(model, Schedule.tome(model, 2), merge="bipartite")
+        tcl.patch(model, Schedule.tome(model, 2))
         assert type(model).__name__ == "TclVisionTransformerDistilled" and model.pretrained_cfg == cfg
         tcl.patch(model, Schedule([n - 4] * 3, [n - 4] * 3))
         assert counts(model, x) == [n - 4] * 3
@@ -212,7 +227,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="merge="):
         tcl.patch(model, Schedule.full(model), merge="average")  # type: ignore[arg-type]
     assert not hasattr(model, "_tcl_info")  # nothing half-patched
-    tcl.patch(model, Schedule.tome(model, 2), merge="bipartite", trace_source=True)
+    tcl.patch(model, Schedule.tome(model, 2), trace_source=True)
     with pytest.raises(ScheduleError):
         tcl.patch(model, Schedule([n, n - 9, n - 9], [n - 9, n - 9, n - 9]), merge="bipartite")
     assert model._tcl_info["schedule"] == Schedule.tome(model, 2)  # a refused re-patch keeps the old one
@@ -223,7 +238,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(TypeError, match="standard Block"):
         tcl.patch(post, Schedule.full(post))
     dyn = tiny("cls", dynamic_img_size=True)
-    tcl.patch(dyn, Schedule.tome(dyn, 2), merge="bipartite")
+    tcl.patch(dyn, Schedule.tome(dyn, 2))
     with pytest.raises(ScheduleError, match="expects 17 tokens"):
         dyn(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="attention masks"):
@@ -231,7 +246,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
 
 
 def test_head_keys_similarity_is_the_mean_of_per_head_key_cosines() -> None:
-    model = tcl.patch(tiny("cls"), Schedule.tome(tiny("cls"), 2), merge="bipartite", similarity="head_keys")
+    model = tcl.patch(tiny("cls"), Schedule.tome(tiny("cls"), 2), similarity="head_keys", override=True)
     attn, x = model.blocks[0].attn, torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         _, _, metric = attn.forward_tcl(x, None, 1, False, "head_keys")

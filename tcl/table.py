@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import torch
 
 from .schedule import Schedule, ScheduleError, macs, vit_dims
+from .settings import PatchSettings, SettingsError
 from .utils import write_json
 
 TABLE_FORMAT = "tcl.lookup_table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2 added "settings"; a version-1 table's settings are its data["patch"] (PatchSettings.from_v1)
 LOWER_IS_BETTER = frozenset({"kl"})  # every other score (acc, agree) is higher-is-better
 
 
@@ -58,13 +59,15 @@ def model_info(model: torch.nn.Module) -> dict[str, Any]:
 
 @dataclass
 class LookupTable:
-    """Best searched schedule per MACs level; `select(budget)` returns the best one that fits."""
+    """Best searched schedule per MACs level; `select(budget)` returns the best one that fits, carrying the patch
+    settings the table was searched with (None: none recorded)."""
 
     entries: list[dict[str, Any]]  # {"macs", "fraction", "schedule": Schedule.to_dict(), "scores", "id"}, by macs
     model: dict[str, Any]
     data: dict[str, Any] = field(default_factory=dict)
     search: dict[str, Any] = field(default_factory=dict)
     score: str = "acc"
+    settings: PatchSettings | None = None
 
     def __post_init__(self) -> None:
         if not self.entries:
@@ -83,8 +86,8 @@ class LookupTable:
 
     @property
     def patch_kwargs(self) -> dict[str, Any]:
-        """The tcl.patch settings the table was searched with: tcl.patch(model, table.select(0.6), **table.patch_kwargs)."""
-        return dict(self.data.get("patch", {}))
+        """The tcl.patch keyword arguments of the table's settings (select() already carries them)."""
+        return {} if self.settings is None else self.settings.kwargs()
 
     def budget_macs(self, budget: float | None = None, *, fraction: float | None = None,
                     gmacs: float | None = None) -> int:
@@ -117,7 +120,8 @@ class LookupTable:
         """The best schedule within budget: select(0.6) = 60% of full MACs, select(gmacs=2.9); use with tcl.patch."""
         e = self.entry(budget, fraction=fraction, gmacs=gmacs)
         s = Schedule.from_dict(e["schedule"])
-        return Schedule(s.prune, s.merge, {**s.meta, "kind": e.get("kind"), "macs": e["macs"], "scores": e["scores"]})
+        return Schedule(s.prune, s.merge, {**s.meta, "kind": e.get("kind"), "macs": e["macs"], "scores": e["scores"]},
+                        self.settings)
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat dict per entry (macs, fraction, scores, prune, merge): ready for pandas.DataFrame."""
@@ -132,7 +136,7 @@ class LookupTable:
         first = tables[0]
         for t in tables[1:]:
             for what, a, b in (("model", t.model, first.model), ("data", t.data, first.data),
-                               ("score", t.score, first.score),
+                               ("score", t.score, first.score), ("settings", t.settings, first.settings),
                                ("bin_width", t.search.get("bin_width"), first.search.get("bin_width"))):
                 if a != b:
                     raise TableError(f"cannot combine tables whose {what} differs ({str(a)[:80]} vs {str(b)[:80]}); "
@@ -141,7 +145,7 @@ class LookupTable:
         best = best_per_bin([{**e, "source": k} for k, t in enumerate(tables) for e in t.entries], first.full_macs,
                             width, first.score)
         return cls(best, first.model, first.data, {"bin_width": width, "combined": [t.search for t in tables]},
-                   first.score)
+                   first.score, first.settings)
 
     # ---- validation / io ------------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module) -> "LookupTable":
@@ -159,16 +163,18 @@ class LookupTable:
     def to_dict(self) -> dict[str, Any]:
         """The versioned JSON-able form."""
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model": self.model, "data": self.data,
-                "search": self.search, "score": self.score, "entries": self.entries}
+                "search": self.search, "score": self.score,
+                "settings": None if self.settings is None else self.settings.to_dict(), "entries": self.entries}
 
     @classmethod
     def from_dict(cls, d: Any, model: torch.nn.Module | None = None) -> "LookupTable":
-        """Inverse of to_dict; validates format, version, entries (and the model when given)."""
+        """Inverse of to_dict; validates format, version, entries (and the model when given). Version 1 is upgraded:
+        its settings are its data["patch"] (tcl.patch kwargs, read by PatchSettings.from_v1), or none without it."""
         if not isinstance(d, dict) or d.get("format") != TABLE_FORMAT:
             raise TableError(f"not a tcl lookup table (expected format {TABLE_FORMAT!r}); write tables with LookupTable.save")
-        if d.get("version") != TABLE_VERSION:
-            raise TableError(f"lookup table version {d.get('version')!r} is not supported (this tcl reads version "
-                             f"{TABLE_VERSION}); re-create the table with this tcl version")
+        if d.get("version") not in (1, TABLE_VERSION):
+            raise TableError(f"lookup table version {d.get('version')!r} is not supported (this tcl reads versions 1 "
+                             f"and {TABLE_VERSION}); re-create the table with this tcl version")
         missing = {"model", "entries", "score"} - d.keys()
         if missing or not isinstance(d["entries"], list) or not isinstance(d["model"], dict) or "macs" not in d["model"]:
             raise TableError(f"lookup table is missing {sorted(missing) or 'model.macs / an entries list'}; "
@@ -178,8 +184,16 @@ class LookupTable:
                 Schedule.from_dict(e["schedule"])
         except (ScheduleError, KeyError, TypeError) as err:
             raise TableError(f"lookup table holds a malformed schedule ({err}); re-create it with tcl.search") from err
-        table = cls(entries=d["entries"], model=d["model"], data=d.get("data", {}), search=d.get("search", {}),
-                    score=d["score"])
+        data = d.get("data") or {}
+        try:
+            if d["version"] == 1:
+                settings = PatchSettings.from_v1(data["patch"]) if "patch" in data else None
+            else:
+                settings = None if d.get("settings") is None else PatchSettings.from_dict(d["settings"])
+        except SettingsError as err:
+            raise TableError(f"lookup table holds malformed patch settings ({err}); re-create it with tcl.search") from err
+        table = cls(entries=d["entries"], model=d["model"], data=data, search=d.get("search", {}), score=d["score"],
+                    settings=settings)
         return table.check(model) if model is not None else table
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -197,6 +211,40 @@ class LookupTable:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TableError(f"lookup table {path} is not valid JSON ({err}); re-create it with tcl.search") from err
         return cls.from_dict(d, model)
+
+    @classmethod
+    def from_diffrate(cls, source: str | os.PathLike | dict[str, Any], model: torch.nn.Module,
+                      key: str) -> "LookupTable":
+        """DiffRate's published schedules (its compression_rate.json: model key -> budget -> prune_kept_num /
+        merge_kept_num lists as strings) for `model` as a table carrying merge='diffrate'; counts become DiffRate's
+        effective ones (tokens after each step: min of incoming, prune and merge); entries rank by published GMACs."""
+        if isinstance(source, dict):
+            published = source
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist; pass DiffRate's compression_rate.json or its dict")
+            published = json.loads(path.read_text())
+        if key not in published:
+            raise KeyError(f"{key!r} is not in the DiffRate schedules; choose one of {sorted(published)}")
+        d, entries = vit_dims(model), []
+        for i, (label, lists) in enumerate(published[key].items()):
+            try:
+                prune, merge = (json.loads(lists[k]) for k in ("prune_kept_num", "merge_kept_num"))
+                n, eff_p, eff_m = d.tokens, [], []
+                for p, m in zip(prune, merge, strict=True):
+                    eff_p.append(min(n, int(p)))
+                    n = min(eff_p[-1], int(m))
+                    eff_m.append(n)
+                s = Schedule(eff_p, eff_m, {"kind": "diffrate", "label": label}).check(d)
+            except (KeyError, TypeError, ValueError) as err:
+                raise TableError(f"DiffRate entry {key}/{label} is malformed or does not fit the model ({err}); pass "
+                                 "the compression_rate.json entry made for this architecture") from err
+            entries.append({"id": i, "kind": "diffrate", "label": label, "macs": macs(model, s),
+                            "fraction": macs(model, s) / macs(model), "scores": {"gmacs": float(label)},
+                            "schedule": s.to_dict()})
+        data = {"source": "DiffRate compression_rate.json", "key": key}
+        return cls(entries, model_info(model), data, {}, "gmacs", PatchSettings(merge="diffrate"))
 
 
 # ---- from search logs to tables -------------------------------------------------------------------------------
@@ -234,9 +282,12 @@ def best_per_bin(records: Sequence[dict[str, Any]], full: int, width: float, sco
 
 
 def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: Any,
-                data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> LookupTable:
-    """The LookupTable of full-split records: the best per MACs bin (cfg.bin_width) by cfg.select_by."""
+                data: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                settings: PatchSettings | None = None) -> LookupTable:
+    """The LookupTable of full-split records: the best per MACs bin (cfg.bin_width) by cfg.select_by, carrying the
+    patch settings they were scored with."""
     best = best_per_bin(sorted(records, key=lambda r: r["id"]), model["macs"], cfg.bin_width, cfg.select_by)
     entries = [{"id": r["id"], "kind": r.get("kind"), "macs": r["macs"], "fraction": r["macs"] / model["macs"],
                 "scores": r["scores"], "schedule": r["schedule"]} for r in best]
-    return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by)
+    return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by,
+                       settings)

@@ -115,7 +115,8 @@ def prune_merge(importance: Tensor, metric: Tensor | None, prune_keep: int, merg
 
 def prune(importance: Tensor, keep: int, prefix: int, fuse: bool = False) -> Reduce:
     """Keep the prefix and the top-(keep - prefix) other tokens by importance [B, N] (in no set order); with fuse,
-    the last of the `keep` slots is one token holding every pruned token (use w = importance for EViT)."""
+    the last of the `keep` slots is one token holding every pruned token (tcl's fused-token variant: apply with
+    w = importance for the attention-weighted mean; EViT's own fused token is evit_prune)."""
     batch, n = importance.shape
     _check_keep(keep, prefix, n)
     if not (fuse and prefix < keep < n):

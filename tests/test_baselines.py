@@ -335,3 +335,23 @@ def test_diffrate_table_applies_diffrates_op_with_ste_min_counts() -> None:
     with torch.no_grad():
         want = ref.diffrate_forward(model, x, [17, 15, 14, 12], [17, 12, 13, 6])
         assert max_diff(tcl.patch(model, s)(x), want) <= ATOL
+
+
+@pytest.mark.parametrize("patch", [{"merge": "tome"}, {"merge": "diffrate"}])
+def test_a_search_records_its_settings_and_its_table_applies_them(patch: dict[str, Any], tmp_path) -> None:
+    from tcl import search
+    from tcl.table import LookupTable
+
+    model, x = vit(depth=3), images(24)
+    scorer = search.ReferenceScorer(model, (x, torch.randint(0, 7, (24,))), **patch)
+    cfg = search.SearchConfig(candidates=16, topk=1, subset=8, anchors=False, max_merge=0.5 if patch["merge"] == "tome" else 1.0)
+    table = search.search(model, scorer, cfg, tmp_path, progress=False)
+    loaded = LookupTable.load(tmp_path / "table.json", model)
+    assert table.settings == loaded.settings == PatchSettings(**patch)
+    e = loaded.entries[len(loaded.entries) // 2]
+    s = loaded.select(gmacs=e["macs"] / 1e9)
+    with torch.no_grad():  # the table's schedule applied as a user would scores what the search logged
+        tcl.patch(model, s)
+        agree = (model(scorer.x).argmax(-1) == scorer.ref.argmax(-1)).float().mean()
+        tcl.unpatch(model)
+    assert agree.item() == pytest.approx(loaded.entry(gmacs=e["macs"] / 1e9)["scores"]["agree"])

@@ -234,11 +234,15 @@ def unified(model: torch.nn.Module | ViTDims, prune_rate: float, merge_rate: flo
 
 
 def at_macs(model: torch.nn.Module, kind: str, fraction: float, **kw: Any) -> Schedule:
-    """The ToMe / EViT / unified schedule whose MACs are closest to fraction·full MACs (r, keep or rates fitted)."""
+    """The ToMe / EViT / unified schedule whose MACs are closest to fraction·full MACs (EViT's keep or the unified rates
+    fitted; ToMe's model.r, constant if one comes within 0.5 % of full MACs, else also (r, inflection) forms)."""
     full = macs(model)
     target = fraction * full
     if kind == "tome":
-        cands = [Schedule.tome(model, r / 8) for r in range(0, 8 * vit_dims(model).tokens)]
+        grid = range(0, 8 * vit_dims(model).tokens)
+        cands = [Schedule.tome(model, r / 8) for r in grid]
+        if min(abs(macs(model, s) - target) for s in cands) > 0.005 * full:
+            cands += [Schedule.tome(model, (r / 8, bend)) for bend in (-1.0, -0.5, 0.5, 1.0) for r in grid]
     elif kind in ("evit", "unified"):
         grid = [i / 400 for i in range(1, 400)]
         if kind == "evit":

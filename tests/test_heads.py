@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from timm.layers import Attention
+from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from tcl import evaluate, heads, schedule

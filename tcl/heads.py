@@ -63,14 +63,14 @@ class GatedAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        gate = getattr(self, "gate", None)  # timm >= 1.0.25 only
+        gate = getattr(self, "gate", None)  # timm's sigmoid output gate: newer timm only
         sig = gate(x).sigmoid() if gate is not None else None
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         g = self.sample_gate if self.sample_gate is not None else self.head_gate
         x = attend(q, k, v, self, attn_mask, is_causal) * g.view(-1, self.num_heads, 1, 1)
         x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        x = self.norm(x) if hasattr(self, "norm") else x  # timm < 1.0.15 has no Attention.norm
+        x = self.norm(x) if hasattr(self, "norm") else x  # older timm (1.0.9-1.0.15) has no Attention.norm
         if sig is not None:
             x = x * sig
         return self.proj_drop(self.proj(x))

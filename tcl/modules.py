@@ -57,7 +57,7 @@ class PrunedAttention(nn.Module):
         self.kept_heads: list[int] = kept.tolist()
         self.qkv = _linear(attn.qkv, rows=torch.cat([cols + i * width for i in range(3)]))
         self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
-        gate = getattr(attn, "gate", None)  # timm's sigmoid output gate (timm >= 1.0.25)
+        gate = getattr(attn, "gate", None)  # timm's sigmoid output gate: newer timm only
         self.gate = _linear(gate, rows=cols) if gate is not None else None
         self.proj = _linear(attn.proj, cols=cols, col_scale=g)
         self.attn_drop, self.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)

@@ -30,12 +30,12 @@ def tensor_pair(data: Data) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def dataset_of(data: Data) -> Dataset:
-    if isinstance(data, DataLoader):
-        return data.dataset  # type: ignore[return-value]
-    if not isinstance(data, Dataset) or not hasattr(data, "__len__"):
+    """The map-style dataset of data (a DataLoader's own dataset); ValueError for anything else."""
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    if not isinstance(ds, Dataset) or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
         raise ValueError(f"data must be a map-style Dataset, a DataLoader over one or an (images, labels) pair, "
-                         f"got {type(data).__name__}")
-    return data
+                         f"got {type(ds).__name__}")
+    return ds
 
 
 def _loader(data: Data, ds: Dataset, **kw: Any) -> DataLoader:
@@ -55,10 +55,10 @@ def n_items(data: Data) -> int:
 def labels(data: Data) -> torch.Tensor:
     """The labels of data in dataset order ([N] long, CPU), read from the dataset's own record where it keeps one
     (TensorDataset, ImageFolder `targets`, Subset); any other dataset is read once, item by item."""
-    pair = tensor_pair(data)
+    ds = data if isinstance(data, tuple) else dataset_of(data)
+    pair = tensor_pair(ds)
     if pair is not None:
         return pair[1].cpu()
-    ds = dataset_of(data)
     if isinstance(ds, Subset):
         return labels(ds.dataset)[torch.as_tensor(list(ds.indices), dtype=torch.long)]
     if getattr(ds, "targets", None) is not None:
@@ -73,7 +73,7 @@ def subset(data: Data, idx: torch.Tensor | Sequence[int]) -> Data:
     if pair is not None:
         return pair[0][idx], pair[1][idx.to(pair[1].device)]
     sub = Subset(dataset_of(data), idx.tolist())
-    return _loader(data, sub, batch_size=data.batch_size) if isinstance(data, DataLoader) else sub
+    return _loader(data, sub, batch_size=data.batch_size or 1) if isinstance(data, DataLoader) else sub
 
 
 def batches(data: Data, batch_size: int = 256, limit: int | None = None,

@@ -95,6 +95,7 @@ def test_streamed_data_equals_tensors_exactly() -> None:
         assert all(torch.equal(a, b) for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:])), name
         assert got[2] == ref[2], name
     assert torch.equal(stream.labels(kinds["loader"]), y) and stream.n_items(kinds["plain"]) == 40
+    assert torch.equal(stream.labels(DataLoader(TensorDataset(x, y), batch_size=4)), y)
     with pytest.raises(ValueError, match="map-style Dataset"):
         heads.decompose_class(model, [(x[0], 0)] * 4, 2, 2, "random", progress=False)  # type: ignore[arg-type]
 

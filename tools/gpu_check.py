@@ -127,7 +127,8 @@ def search_time(name: str, device: torch.device, candidates: int, images: int, s
         log = Path(out) / "log.0.jsonl"
         evaluated = sum(1 for line in log.read_text().splitlines() if line.strip()) if log.exists() else None
     return {"candidates": candidates, "images": images, "subset": cfg.subset, "scorer_setup_s": t_ref,
-            "search_wall_s": wall, "evaluations_logged": evaluated, "s_per_candidate": wall / candidates,
+            "search_wall_s": wall, "evaluations_logged": evaluated,  # subset + anchor + full-split evaluations
+            "s_per_evaluation": wall / evaluated if evaluated else None,
             "table_entries": len(table.entries),
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 

@@ -2,6 +2,11 @@
 
 Part 2 (physical pruning, gate folding, class modules, composition, metrics) lives in `tcl.modules` and is
 re-exported here, so `tcl.heads` is the one namespace of the method.
+
+Data is a Dataset, a DataLoader or an (images, labels) pair (see `tcl.stream`), streamed in batches to the model's
+device. Functions that change a model in place (insert_gates, reset_train, head_importance) run where the model is;
+functions that copy it take `device` (default: the model's device). `amp` ("bf16"; "fp16" for forward-only passes;
+None = float32) autocasts the forwards. Small results (gates, masks, importances, scores) come back on the CPU.
 """
 from __future__ import annotations
 
@@ -14,14 +19,15 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Attention, VisionTransformer
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
+
+from .stream import Amp, Data, autocast, batches, dataset_of, device_of, labels, sampled, subset, tensor_pair
 
 Target = int | Sequence[int]
 SCORERS = ("taylor", "fisher", "michel", "hessian", "kl")
+DEFAULT_CLASSES = 5  # classes of the per-class work when none are named (see default_classes)
 
 
 class HeadsError(ValueError):
@@ -36,8 +42,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: nn.Module, a
     if attn.fused_attn:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
     a = (q * attn.scale) @ k.transpose(-2, -1)
-    a = maybe_add_mask(a, resolve_self_attn_mask(q.shape[-2], a, attn_mask, is_causal)).softmax(dim=-1)
-    return attn.attn_drop(a) @ v
+    if is_causal:
+        n, m = a.shape[-2:]
+        a = a.masked_fill(~torch.ones(n, m, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+    if attn_mask is not None:  # SDPA's convention: bool = True where attention is allowed, float = added to logits
+        a = a.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else a + attn_mask
+    return attn.attn_drop(a.softmax(dim=-1)) @ v
 
 
 class GatedAttention(Attention):
@@ -53,12 +63,14 @@ class GatedAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        sig = self.gate(x).sigmoid() if self.gate is not None else None
+        gate = getattr(self, "gate", None)  # timm's sigmoid output gate: newer timm only
+        sig = gate(x).sigmoid() if gate is not None else None
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         g = self.sample_gate if self.sample_gate is not None else self.head_gate
         x = attend(q, k, v, self, attn_mask, is_causal) * g.view(-1, self.num_heads, 1, 1)
-        x = self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+        x = x.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        x = self.norm(x) if hasattr(self, "norm") else x  # older timm (1.0.9-1.0.15) has no Attention.norm
         if sig is not None:
             x = x * sig
         return self.proj_drop(self.proj(x))
@@ -75,7 +87,7 @@ def attentions(model: nn.Module) -> list[Attention]:
         if type(attn) not in (Attention, GatedAttention):
             raise TypeError(f"block {i} attention is {type(attn).__name__}; head gates need timm's plain "
                             "Attention (models built with attn_layer=Attention, the VisionTransformer default)")
-        if not isinstance(attn.norm, nn.Identity):
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise HeadsError(f"block {i} normalises the concatenated heads (scale_attn_norm=True), so heads are "
                              "not separable; use a model built with scale_attn_norm=False")
         out.append(attn)
@@ -106,8 +118,8 @@ def gate_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def gates(model: nn.Module) -> torch.Tensor:
-    """Current gate values as a [blocks, heads] tensor (a detached copy)."""
-    return torch.stack([g.detach().clone() for g in gate_params(model)])
+    """Current gate values as a [blocks, heads] tensor (a detached CPU copy)."""
+    return torch.stack([g.detach().cpu().clone() for g in gate_params(model)])
 
 
 def set_gates(model: nn.Module, values: torch.Tensor) -> None:
@@ -117,7 +129,7 @@ def set_gates(model: nn.Module, values: torch.Tensor) -> None:
         raise HeadsError(f"gate values have shape {tuple(values.shape)}, expected {(len(params), params[0].numel())}")
     with torch.no_grad():
         for p, v in zip(params, values):
-            p.copy_(v)
+            p.copy_(v.to(p.device))
 
 
 def fold_gates(model: nn.Module) -> nn.Module:
@@ -183,7 +195,8 @@ def vs_rest_loss(logits: torch.Tensor, labels: torch.Tensor, target: Sequence[in
 
 
 def tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor], limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) tensors of a TensorDataset, any (x, y) dataset, or an (x, y) pair (first `limit` items)."""
+    """(images, labels) tensors of a TensorDataset, any (x, y) dataset, or an (x, y) pair (first `limit` items).
+    Loads every image into one tensor: for small data only (the head-module steps stream through `batches`)."""
     if isinstance(data, tuple):
         x, y = data
     elif hasattr(data, "tensors"):
@@ -195,8 +208,51 @@ def tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor], limit: int | None
     return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
+def balanced_batch(pos_idx: torch.Tensor, neg_idx: torch.Tensor, batch_size: int, seed: int,
+                   step: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Step `step`'s class-balanced batch: half drawn (with replacement) from pos_idx, half from neg_idx; also returns
+    the step's generator, advanced past those draws."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    half = batch_size // 2
+    idx = torch.cat([pos_idx[torch.randint(len(pos_idx), (half,), generator=g)],
+                     neg_idx[torch.randint(len(neg_idx), (batch_size - half,), generator=g)]])
+    return idx, g
+
+
+def resolve_classes(data: Data | None, classes: Sequence[int | str]) -> list[int]:
+    """Class indices for classes given as indices or as folder names of data's ImageFolder (`class_to_idx`)."""
+    names: dict[str, int] | None = None
+    if data is not None and tensor_pair(data) is None:
+        ds = dataset_of(data)
+        while isinstance(ds, Subset):
+            ds = ds.dataset
+        names = getattr(ds, "class_to_idx", None)
+    out = []
+    for c in classes:
+        if isinstance(c, str):
+            if names is None or c not in names:
+                known = sorted(names or {})
+                raise HeadsError(f"unknown class {c!r}; " + (f"this data's classes are {known[:8]}"
+                                 f"{' ...' if len(known) > 8 else ''} ({len(known)} in all)" if known else
+                                 "name classes by index (the data has no class_to_idx)"))
+            out.append(names[c])
+        else:
+            out.append(int(c))
+    return out
+
+
+def default_classes(model: nn.Module, count: int = DEFAULT_CLASSES) -> list[int]:
+    """`count` evenly spaced class indices of the model (all of them when it has at most `count`): the classes of
+    the per-class work when none are named, so a 1,000-class model gets 5 gradient-reset runs, not 1,000."""
+    n = int(getattr(model, "num_classes", 0) or 0)
+    if n < 2:
+        raise HeadsError("the model has fewer than 2 classes; per-class modules need a classifier head")
+    return list(range(n)) if n <= count else [i * n // count for i in range(count)]
+
+
 def balanced_indices(labels: torch.Tensor, target: Sequence[int], per_side: int | None = None, seed: int = 0) -> torch.Tensor:
     """Indices of a c-vs-rest balanced subset: min(#target, per_side) target images and as many random others."""
+    labels = labels.cpu()
     is_pos = torch.isin(labels, torch.tensor(list(target)))
     pos, neg = is_pos.nonzero().squeeze(1), (~is_pos).nonzero().squeeze(1)
     k = min(len(pos), len(neg), per_side or len(pos))
@@ -225,9 +281,11 @@ class ResetConfig:
     so one step moves the kept gates by at most lr*clip (None: no cap). Default 0.1: the largest per-class 90th
     percentile of that norm on the reference model (0.034-0.101 over the 10 classes); uncapped, one class (Ankle boot)
     hit a single spike of 2.89 at step 116, its kept gates jumped from 0.7 to 3 and its module lost 9 pt of BA.
-    Defaults (chosen on the reference model's held-out split): lr * lam = 0.02, so a head forgotten at the end of the
-    ramp (step 50) is at 0 by step 100; "distill" keeps the module's top-1 rule as calibrated as the original's
-    ("labels" with class-balanced batches shifts it towards the target); "fisher" re-ranks heads as they go.
+    Defaults: tuned on the shipped reference model (Fashion-MNIST ViT, 8 blocks x 4 heads) and its held-out split;
+    for another model or data they are a starting point - override any of them (ResetConfig(steps=..., lr=...), or
+    dataclasses.replace(cfg, ...)). There: lr * lam = 0.02, so a head forgotten at the end of the ramp (step 50) is at
+    0 by step 100; "distill" keeps the module's top-1 rule as calibrated as the original's ("labels" with
+    class-balanced batches shifts it towards the target); "fisher" re-ranks heads as they go.
     """
 
     steps: int = 100
@@ -296,30 +354,37 @@ def keep_mask(scores: torch.Tensor, keep: int, allow_empty_blocks: bool = False,
 
 
 def reset_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, target: Sequence[int],
-               mask: torch.Tensor, cfg: ResetConfig, soft: torch.Tensor | None = None) -> dict[str, Any]:
+               mask: torch.Tensor, cfg: ResetConfig, soft: torch.Tensor | None = None, amp: Amp = None) -> dict[str, Any]:
     """One step: loss.backward(); gate grad <- clip(m * objective grad) + lam * P(g); opt.step(). Returns loss, grads."""
     params = gate_params(model)
     opt.zero_grad(set_to_none=True)
-    loss = vs_rest_loss(model(x), y, target, soft=soft)
+    with autocast(x.device, amp, grads=True):
+        logits = model(x)
+    loss = vs_rest_loss(logits.float(), y, target, soft=soft)
     loss.backward()
     objective = torch.stack([p.grad.detach().clone() for p in params])  # type: ignore[union-attr]
-    norm = float((objective * mask).norm())
+    m = mask.to(objective.device)
+    norm = float((objective * m).norm())
     scale = min(1.0, cfg.clip / norm) if cfg.clip is not None and norm > 0 else 1.0
     with torch.no_grad():
-        for p, m in zip(params, mask):
-            p.grad = p.grad * (m.to(p.dtype) * scale) + penalty_grad(p.detach(), cfg)  # type: ignore[operator]
+        for p, mb in zip(params, m):
+            p.grad = p.grad * (mb.to(p.dtype) * scale) + penalty_grad(p.detach(), cfg)  # type: ignore[operator]
     opt.step()
-    return {"loss": loss.item(), "objective_grad": objective, "grad_norm": norm}
+    return {"loss": loss.item(), "objective_grad": objective.cpu(), "grad_norm": norm}
 
 
 @torch.no_grad()
-def _teacher(model: nn.Module, x: torch.Tensor, target: Sequence[int], batch_size: int = 256) -> torch.Tensor:
-    """p(target) of the original model (all gates at 1) on x, for the distillation objective."""
-    now = gates(model)
+def _teacher(model: nn.Module, data: Data, target: Sequence[int], batch_size: int = 256, amp: Amp = None) -> torch.Tensor:
+    """p(target) of the original model (all gates at 1) on data, in dataset order (CPU), for the distillation objective."""
+    now, dev = gates(model), device_of(model)
     set_gates(model, torch.ones_like(now))
-    p = torch.cat([log_odds(model(x[s:s + batch_size]), target).sigmoid() for s in range(0, len(x), batch_size)])
+    out = []
+    for x, _ in batches(data, batch_size, device=dev):
+        with autocast(dev, amp):
+            logits = model(x)
+        out.append(log_odds(logits.float(), target).sigmoid().cpu())
     set_gates(model, now)
-    return p
+    return torch.cat(out)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -329,11 +394,13 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], target: Target, keep: int,
-                cfg: ResetConfig | None = None, allow_empty_blocks: bool = False, fixed_mask: torch.Tensor | None = None,
-                checkpoint: str | os.PathLike | None = None, save_every: int = 50, progress: bool = True) -> dict[str, Any]:
+def reset_train(model: nn.Module, data: Data, target: Target, keep: int, cfg: ResetConfig | None = None,
+                allow_empty_blocks: bool = False, fixed_mask: torch.Tensor | None = None,
+                checkpoint: str | os.PathLike | None = None, save_every: int = 50, progress: bool = True,
+                amp: Amp = None) -> dict[str, Any]:
     """Gradient-reset training of the gates (inserted if missing) on class-balanced c-vs-rest batches of `data`
-    (the held-out split) until `keep` heads have m=1; returns gates, mask, history. fixed_mask skips the schedule."""
+    (the held-out split) until `keep` heads have m=1; returns gates, mask, history. fixed_mask skips the schedule.
+    Runs on the model's device (move the model first); batches are fetched from data step by step."""
     from tqdm.auto import tqdm
 
     cfg = cfg or ResetConfig()
@@ -341,7 +408,9 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
     tgt = check_target(model, target)
     shape = num_heads(model)
     check_keep(shape, keep, allow_empty_blocks)
-    x_all, y_all = tensors(data)
+    autocast("cpu", amp, grads=True)  # validates amp before any work
+    dev = device_of(model)
+    y_all = labels(data)
     pos = torch.isin(y_all, torch.tensor(tgt))
     pos_idx, neg_idx = pos.nonzero().squeeze(1), (~pos).nonzero().squeeze(1)
     balance_weights(pos)  # raises when one side is empty
@@ -356,14 +425,14 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
         ids = {id(p) for p in params}
         groups.append({"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.weights_lr})
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    mask = torch.ones(shape, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone().bool()
+    mask = torch.ones(shape, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone().bool().cpu()
     ema, history, start, t0 = torch.zeros(shape), [], 0, time.perf_counter()
     run = {"target": tgt, "keep": keep, "cfg": asdict(cfg), "fixed": None if fixed_mask is None else fixed_mask.tolist()}
     model.eval()  # no dropout / drop-path: the gates are fitted to the inference-time network
-    teacher = _teacher(model, x_all, tgt) if cfg.objective == "distill" else None
+    teacher = _teacher(model, data, tgt, amp=amp) if cfg.objective == "distill" else None
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=False, map_location="cpu")
         if state["run"] != run:
             raise HeadsError(f"checkpoint {path} was written by a different run; delete it or pass another path")
         set_gates(model, state["gates"])
@@ -372,22 +441,22 @@ def reset_train(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tens
         opt.load_state_dict(state["opt"])
         mask, ema, history, start = state["mask"], state["ema"], state["history"], state["step"]
     n_forget = mask.numel() - keep
-    for step in tqdm(range(start, cfg.steps), desc=f"reset {list(tgt)}", disable=not progress, leave=False,
-                     initial=start, total=cfg.steps):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        half = cfg.batch_size // 2
-        idx = torch.cat([pos_idx[torch.randint(len(pos_idx), (half,), generator=g)],
-                         neg_idx[torch.randint(len(neg_idx), (cfg.batch_size - half,), generator=g)]])
+    steps = range(start, cfg.steps)
+    draws = [balanced_batch(pos_idx, neg_idx, cfg.batch_size, cfg.seed, step) for step in steps]
+    stream = sampled(data, [idx for idx, _ in draws], dev)
+    for step, (idx, g), (x, y) in tqdm(zip(steps, draws, stream), desc=f"reset {list(tgt)}", disable=not progress,
+                                       leave=False, initial=start, total=cfg.steps):
         before = gates(model)
-        out = reset_step(model, opt, x_all[idx], y_all[idx], tgt, mask, cfg, None if teacher is None else teacher[idx])
+        soft = None if teacher is None else teacher[idx].to(dev)
+        out = reset_step(model, opt, x, y, tgt, mask, cfg, soft, amp)
         ema = 0.9 * ema + 0.1 * (before * out["objective_grad"]).abs()
         if fixed_mask is None and (want := forgotten_at(step, n_forget, cfg)) > mask.numel() - int(mask.sum()):
             crit = gates(model).abs() if cfg.criterion == "gate" else ema
             if cfg.criterion in ("fisher", "kl"):
                 sel = torch.cat([pos_idx[torch.randperm(len(pos_idx), generator=g)[:cfg.probe // 2]],
                                  neg_idx[torch.randperm(len(neg_idx), generator=g)[:cfg.probe // 2]]])
-                crit = head_importance(model, (x_all[sel], y_all[sel]), [tgt], [cfg.criterion],
-                                       progress=False)[cfg.criterion][0]
+                crit = head_importance(model, subset(data, sel), [tgt], [cfg.criterion], progress=False,
+                                       amp=amp)[cfg.criterion][0]
                 crit = crit * gates(model).square() if cfg.criterion == "fisher" else crit
             mask = keep_mask(crit, mask.numel() - want, allow_empty_blocks, current=mask)
         if step % 10 == 0 or step == cfg.steps - 1:
@@ -422,41 +491,47 @@ def per_example_gates(model: nn.Module, batch: int) -> Iterator[list[torch.Tenso
             a.sample_gate = None
 
 
-def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], targets: Sequence[Target],
-                    methods: Sequence[str] = SCORERS, batch_size: int = 128, probes: int = 2, limit: int | None = None,
-                    seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+def head_importance(model: nn.Module, data: Data, targets: Sequence[Target], methods: Sequence[str] = SCORERS,
+                    batch_size: int = 128, probes: int = 2, limit: int | None = None, seed: int = 0,
+                    progress: bool = True, amp: Amp = None) -> dict[str, torch.Tensor]:
     """Per-target head importance on `data` (held-out split), each [len(targets), blocks, heads], class-balanced:
     taylor |g * dL/dg|; fisher sum_x w_x (dL_x/dg)^2 (Kwon); michel sum_x w_x |dL_x/dg| (Michel); hessian the
     OBD saliency g^2 H_gg / 2 with diag(H) by Hutchinson (Rademacher v, Hv by double backward; 'hessian_diag' too);
     kl = g^2/2 * sum_x w_x p_x (1 - p_x) (dz_x/dg)^2, the model's own (label-free) Fisher of its c-vs-rest output:
-    the second-order estimate of the KL between its output with and without the head."""
+    the second-order estimate of the KL between its output with and without the head. Runs on the model's device."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from tqdm.auto import tqdm
 
     bad = [m for m in methods if m not in SCORERS]
     if bad:
         raise HeadsError(f"unknown scorer(s) {bad}; choose from {SCORERS} (or 'gate' via reset_train)")
+    autocast("cpu", amp, grads=True)  # validates amp before any work
     insert_gates(model)
     tgts = [check_target(model, t) for t in targets]
-    x_all, y_all = tensors(data, limit)
-    w = torch.stack([balance_weights(torch.isin(y_all, torch.tensor(t))) for t in tgts])  # [T, n]
+    y_all = labels(data)[:limit]
+    dev = device_of(model)
+    w = torch.stack([balance_weights(torch.isin(y_all, torch.tensor(t))) for t in tgts]).to(dev)  # [T, n]
     shape, g0 = num_heads(model), gates(model)
-    first, fisher, michel, kl = (torch.zeros(len(tgts), *shape) for _ in range(4))
-    hdiag = torch.zeros(len(tgts), *shape)
+    first, fisher, michel, kl, hdiag = (torch.zeros(len(tgts), *shape, device=dev) for _ in range(5))
+    tgt_ids = [torch.tensor(t, device=dev) for t in tgts]
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    for s in tqdm(range(0, len(x_all), batch_size), desc="importance", disable=not progress, leave=False):
-        x, y = x_all[s:s + batch_size], y_all[s:s + batch_size]
+    total = -(-len(y_all) // batch_size)
+    for s, (x, y) in zip(range(0, len(y_all), batch_size),
+                         tqdm(batches(data, batch_size, limit, dev), desc="importance", disable=not progress,
+                              leave=False, total=total)):
         if {"taylor", "fisher", "michel", "kl"} & set(methods):
             with per_example_gates(model, len(x)) as leaves:
-                logits = model(x)
+                with autocast(dev, amp, grads=True):
+                    logits = model(x)
+                logits = logits.float()
                 for t, tgt in enumerate(tgts):  # dz_x/dg per example; dL_x/dg = (p_x - y_x) dz_x/dg for the BCE
                     z = log_odds(logits, tgt)
                     jac = torch.stack(torch.autograd.grad(z.sum(), leaves, retain_graph=t < len(tgts) - 1), 1)
-                    p, is_pos = z.detach().sigmoid(), torch.isin(y, torch.tensor(tgt)).to(z.dtype)
+                    p, is_pos = z.detach().sigmoid(), torch.isin(y, tgt_ids[t]).to(z.dtype)
                     ww = w[t, s:s + batch_size].view(-1, 1, 1)
                     grads = (p - is_pos).view(-1, 1, 1) * jac  # [batch, blocks, heads]
                     first[t] += (ww * grads).sum(0)
@@ -468,12 +543,14 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
             for p in params:
                 p.requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
-                logits = model(x)
+                with autocast(dev, amp, grads=True):
+                    logits = model(x)
+                logits = logits.float()
                 for t, tgt in enumerate(tgts):
                     loss = (vs_rest_loss(logits, y, tgt, per_example=True) * w[t, s:s + batch_size]).sum()
                     grad = torch.stack(torch.autograd.grad(loss, params, create_graph=True))
                     for i in range(probes):
-                        v = torch.randint(0, 2, shape, generator=gen).mul(2).sub(1).to(grad.dtype)
+                        v = torch.randint(0, 2, shape, generator=gen).mul(2).sub(1).to(grad)
                         hv = torch.stack(torch.autograd.grad((grad * v).sum(), params,
                                                              retain_graph=i < probes - 1 or t < len(tgts) - 1))
                         hdiag[t] += v * hv / probes
@@ -481,6 +558,7 @@ def head_importance(model: nn.Module, data: Dataset | tuple[torch.Tensor, torch.
                 p.requires_grad_(False)
     for p, f in zip(model.parameters(), flags):
         p.requires_grad_(f)
+    first, fisher, michel, kl, hdiag = (a.cpu() for a in (first, fisher, michel, kl, hdiag))
     out = {"taylor": (g0 * first).abs(), "fisher": fisher, "michel": michel, "kl": 0.5 * g0.square() * kl,
            "hessian": 0.5 * g0.square() * hdiag, "hessian_diag": hdiag}
     return {k: v for k, v in out.items() if k in methods or (k == "hessian_diag" and "hessian" in methods)}
@@ -491,5 +569,6 @@ from .modules import __all__ as _modules_all  # noqa: E402
 
 __all__ = ["HeadsError", "GatedAttention", "attend", "attentions", "insert_gates", "gate_params", "gates", "set_gates",
            "fold_gates", "remove_gates", "num_heads", "check_target", "log_odds", "balance_weights", "vs_rest_loss",
-           "tensors", "balanced_indices", "ResetConfig", "penalty_grad", "forgotten_at", "check_keep", "keep_mask",
+           "tensors", "balanced_batch", "resolve_classes", "default_classes", "DEFAULT_CLASSES", "balanced_indices",
+           "ResetConfig", "penalty_grad", "forgotten_at", "check_keep", "keep_mask",
            "reset_step", "reset_train", "per_example_gates", "head_importance", "SCORERS", *_modules_all]

@@ -14,27 +14,26 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.data import Dataset
 
 from .evaluate import round_robin
-from .heads import (SCORERS, GatedAttention, HeadsError, ResetConfig, Target, attend, attentions, balanced_indices,
-                    check_keep, check_target, gates, head_importance, insert_gates, keep_mask, log_odds, num_heads,
-                    reset_train, tensors)
+from .heads import (SCORERS, GatedAttention, HeadsError, ResetConfig, Target, attend, attentions, balanced_batch,
+                    balanced_indices, check_keep, check_target, default_classes, gates, head_importance, insert_gates,
+                    keep_mask, log_odds, num_heads, reset_train, resolve_classes)
 from .schedule import vit_dims
-
-Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+from .stream import Amp, Data, autocast, batches, device_of, labels, moved, sampled, subset
 
 
 # ---- step 4: physical pruning ---------------------------------------------------------------------------------
 def _linear(src: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
             col_scale: torch.Tensor | None = None) -> nn.Linear:
     w = src.weight.detach()
+    rows = rows.to(w.device) if rows is not None else None
     w = w[rows] if rows is not None else w
-    w = w[:, cols] if cols is not None else w
+    w = w[:, cols.to(w.device)] if cols is not None else w
     out = nn.Linear.__new__(nn.Linear)  # no init: the weights are copied (and may have 0 columns)
     nn.Module.__init__(out)
     out.in_features, out.out_features = w.shape[1], w.shape[0]
-    out.weight = nn.Parameter(w * col_scale.to(w.dtype) if col_scale is not None else w.clone(), requires_grad=False)
+    out.weight = nn.Parameter(w * col_scale.to(w) if col_scale is not None else w.clone(), requires_grad=False)
     b = None if src.bias is None else src.bias.detach()[rows] if rows is not None else src.bias.detach().clone()
     out.bias = None if b is None else nn.Parameter(b, requires_grad=False)
     return out
@@ -49,16 +48,17 @@ class PrunedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, keep: torch.Tensor, head_gates: torch.Tensor | None = None):
         super().__init__()
-        kept = keep.bool().nonzero().squeeze(1)
-        d = attn.head_dim
+        kept = keep.bool().cpu().nonzero().squeeze(1)
+        d, width = attn.head_dim, attn.num_heads * attn.head_dim
         cols = (kept[:, None] * d + torch.arange(d)).flatten()
-        g = head_gates[kept].detach().repeat_interleave(d) if head_gates is not None else None
+        g = head_gates.cpu()[kept].detach().repeat_interleave(d) if head_gates is not None else None
         self.num_heads, self.head_dim, self.attn_dim = len(kept), d, len(kept) * d
         self.scale, self.fused_attn = attn.scale, attn.fused_attn
         self.kept_heads: list[int] = kept.tolist()
-        self.qkv = _linear(attn.qkv, rows=torch.cat([cols + i * attn.attn_dim for i in range(3)]))
+        self.qkv = _linear(attn.qkv, rows=torch.cat([cols + i * width for i in range(3)]))
         self.q_norm, self.k_norm = copy.deepcopy(attn.q_norm), copy.deepcopy(attn.k_norm)
-        self.gate = _linear(attn.gate, rows=cols) if attn.gate is not None else None
+        gate = getattr(attn, "gate", None)  # timm's sigmoid output gate: newer timm only
+        self.gate = _linear(gate, rows=cols) if gate is not None else None
         self.proj = _linear(attn.proj, cols=cols, col_scale=g)
         self.attn_drop, self.proj_drop = copy.deepcopy(attn.attn_drop), copy.deepcopy(attn.proj_drop)
 
@@ -79,6 +79,7 @@ def prune_heads(model: VisionTransformer, mask: torch.Tensor, head_gates: torch.
     shape = (len(attns), attns[0].num_heads)
     if tuple(mask.shape) != shape:
         raise HeadsError(f"head mask has shape {tuple(mask.shape)}, expected [blocks, heads] = {list(shape)}")
+    mask = mask.bool().cpu()
     if head_gates is None and isinstance(attns[0], GatedAttention):
         head_gates = gates(model)
     new = copy.deepcopy(model)
@@ -126,7 +127,7 @@ class ClassModule(nn.Module):
                  info: dict[str, Any] | None = None):
         super().__init__()
         self.backbone, self.target, self.info = backbone, target, dict(info or {})
-        self.register_buffer("mask", mask.bool())
+        self.register_buffer("mask", mask.bool().to(device_of(backbone)))
         self.threshold: float | None = None
         self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
 
@@ -173,19 +174,20 @@ def best_threshold(z: torch.Tensor, truth: torch.Tensor) -> float:
     return float((edges[i] + edges[i + 1]) / 2)
 
 
-def calibrate(module: ClassModule, data: Data, limit: int | None = None) -> float:
+def calibrate(module: ClassModule, data: Data, limit: int | None = None, amp: Amp = None) -> float:
     """Set module.threshold to the balanced-accuracy-optimal log-odds threshold on data (the held-out split)."""
-    z, y = scores(module, data, limit)
+    z, y = scores(module, data, limit, amp=amp)
     module.threshold = best_threshold(z, torch.isin(y, torch.tensor(module.target)))
     return module.threshold
 
 
-def reference_threshold(reference: nn.Module | torch.Tensor, data: Data, target: Target, limit: int | None = None) -> float:
+def reference_threshold(reference: nn.Module | torch.Tensor, data: Data, target: Target, limit: int | None = None,
+                        amp: Amp = None) -> float:
     """The same calibration for the original model (or its logits on data): its BA-optimal log-odds threshold."""
-    logits = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit)[0]
-    y = tensors(data, limit)[1]
+    logits = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit, amp=amp)[0]
+    y = labels(data)[:limit]
     tgt = (target,) if isinstance(target, int) else tuple(target)
-    return best_threshold(log_odds(logits, tgt), torch.isin(y, torch.tensor(tgt)))
+    return best_threshold(log_odds(logits.cpu(), tgt), torch.isin(y, torch.tensor(tgt)))
 
 
 def extract_module(model: VisionTransformer, target: Target, mask: torch.Tensor, head_gates: torch.Tensor | None = None,
@@ -219,33 +221,36 @@ class RecoverConfig:
 
 
 def recover(module: ClassModule, teacher: nn.Module, data: Data, cfg: RecoverConfig | None = None,
-            progress: bool = True) -> ClassModule:
-    """A copy of module with its remaining weights distilled from teacher (the original model) on data; uncalibrated."""
+            progress: bool = True, device: torch.device | str | None = None, amp: Amp = None) -> ClassModule:
+    """A copy of module with its remaining weights distilled from teacher (the original model) on data; uncalibrated.
+    Runs on device (default: the module's); the teacher is used there (a copy when it is elsewhere)."""
     from tqdm.auto import tqdm
 
     cfg = cfg or RecoverConfig()
     if cfg.steps < 0 or cfg.batch_size < 2 or not cfg.lr > 0:
         raise HeadsError(f"RecoverConfig needs steps >= 0, batch_size >= 2 and lr > 0, got {cfg}")
-    x, y = tensors(data)
-    pos = torch.isin(y, torch.tensor(module.target))
+    autocast("cpu", amp, grads=True)  # validates amp before any work
+    pos = torch.isin(labels(data), torch.tensor(module.target))
     pos_idx, neg_idx = pos.nonzero().squeeze(1), (~pos).nonzero().squeeze(1)
     if not len(pos_idx) or not len(neg_idx):
         raise HeadsError(f"recover needs images of the target {module.target} and of the rest; pass e.g. the training split")
-    out, t0, history = copy.deepcopy(module), time.perf_counter(), []
+    dev = torch.device(device) if device is not None else device_of(module)
+    out, t0, history = copy.deepcopy(module).to(dev), time.perf_counter(), []
+    teacher = moved(teacher, dev).eval()
     out.threshold = None
     net = out.backbone.eval()
     flags = [p.requires_grad for p in net.parameters()]
     for p in net.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    for step in tqdm(range(cfg.steps), desc=f"recover {list(module.target)}", disable=not progress, leave=False):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        half = cfg.batch_size // 2
-        idx = torch.cat([pos_idx[torch.randint(len(pos_idx), (half,), generator=g)],
-                         neg_idx[torch.randint(len(neg_idx), (cfg.batch_size - half,), generator=g)]])
-        with torch.no_grad():
-            goal = teacher(x[idx]).log_softmax(-1)
-        loss = F.kl_div(net(x[idx]).log_softmax(-1), goal, log_target=True, reduction="batchmean")
+    draws = [balanced_batch(pos_idx, neg_idx, cfg.batch_size, cfg.seed, step)[0] for step in range(cfg.steps)]
+    for step, (x, _) in tqdm(enumerate(sampled(data, draws, dev)), desc=f"recover {list(module.target)}",
+                             disable=not progress, leave=False, total=cfg.steps):
+        with torch.no_grad(), autocast(dev, amp):
+            goal = teacher(x).float().log_softmax(-1)
+        with autocast(dev, amp, grads=True):
+            logits = net(x)
+        loss = F.kl_div(logits.float().log_softmax(-1), goal, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -257,65 +262,80 @@ def recover(module: ClassModule, teacher: nn.Module, data: Data, cfg: RecoverCon
     return out
 
 
-def decompose_class(model: VisionTransformer, data: Data, target: Target, keep: int, method: Method = "reset",
+def _target(data: Data, target: Target | str) -> Target:
+    """target with class names (of an ImageFolder) resolved to indices."""
+    if isinstance(target, (int, str)):
+        return resolve_classes(data, [target])[0]
+    return resolve_classes(data, list(target))
+
+
+def decompose_class(model: VisionTransformer, data: Data, target: Target | str, keep: int, method: Method = "reset",
                     cfg: ResetConfig | None = None, retrain: bool = True, per_side: int | None = None,
                     allow_empty_blocks: bool = False, calibrated: bool = True, seed: int = 0,
                     importance: torch.Tensor | None = None, progress: bool = True,
-                    recover_data: Data | None = None, recover_cfg: RecoverConfig | None = None) -> ClassModule:
+                    recover_data: Data | None = None, recover_cfg: RecoverConfig | None = None,
+                    device: torch.device | str | None = None, amp: Amp = None) -> ClassModule:
     """Build the class module for target with `keep` heads from `data` (the held-out split): 'reset' = gradient-reset
     gate training; a scorer = its top heads, or 'random' = random heads (then, if retrain, gate training with that
     mask fixed, so a random-heads baseline gets the same training as the scored heads).
     Gates are fitted on a c-vs-rest balanced subset (per_side images a side); calibrated sets the threshold on data;
     a precomputed [blocks, heads] importance (e.g. a row of class_importance) skips the scorer; recover_data (e.g. the
-    training split) adds distillation recovery of the module's weights (recover) before calibration."""
-    tgt = check_target(model, target)
+    training split) adds distillation recovery of the module's weights (recover) before calibration.
+    target: class index (or indices), or an ImageFolder class name. The work runs on a copy of model on device
+    (default: the model's device), forwards autocast by amp; the module is returned on that device."""
+    tgt = check_target(model, _target(data, target))
     shape = num_heads(model)
     check_keep(shape, keep, allow_empty_blocks)
     if method not in ("reset", "random", *SCORERS):
         raise HeadsError(f"method must be 'reset', 'random' or one of {SCORERS}, got {method!r}")
+    autocast("cpu", amp, grads=method != "random" or retrain)  # validates amp before any work
     t0 = time.perf_counter()
-    x, y = tensors(data)
-    idx = balanced_indices(y, tgt, per_side, seed)
-    sub = (x[idx], y[idx])
-    work = insert_gates(copy.deepcopy(model))
+    sub = subset(data, balanced_indices(labels(data), tgt, per_side, seed))
+    work = insert_gates(copy.deepcopy(model).to(device if device is not None else device_of(model)))
     info: dict[str, Any] = {"method": method, "keep": keep}
     if method == "reset":
-        out = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, progress=progress)
+        out = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, progress=progress, amp=amp)
         mask, info["importance"], info["history"] = out["mask"], out["gates"].abs(), out["history"]
     else:
         if method == "random":
             mask = random_mask(shape, keep, seed, allow_empty_blocks)
         else:
-            info["importance"] = importance if importance is not None else \
-                head_importance(work, sub, [tgt], [method], seed=seed, progress=progress)[method][0]
+            info["importance"] = importance.cpu() if importance is not None else \
+                head_importance(work, sub, [tgt], [method], seed=seed, progress=progress, amp=amp)[method][0]
             mask = keep_mask(info["importance"], keep, allow_empty_blocks)
         if retrain:
             info["history"] = reset_train(work, sub, tgt, keep, cfg, allow_empty_blocks, fixed_mask=mask,
-                                          progress=progress)["history"]
+                                          progress=progress, amp=amp)["history"]
     info["gates"] = gates(work) * mask
     module = extract_module(work, tgt, mask, info["gates"], info)
     if recover_data is not None:
-        module = recover(module, model, recover_data, recover_cfg, progress)
+        module = recover(module, model, recover_data, recover_cfg, progress, amp=amp)
     if calibrated:
-        calibrate(module, data)
+        calibrate(module, data, amp=amp)
     module.info["seconds"] = time.perf_counter() - t0
     return module
 
 
-def class_importance(model: VisionTransformer, data: Data, classes: Sequence[int] | None = None, method: str = "fisher",
-                     keep: int | None = None, cfg: ResetConfig | None = None, per_side: int | None = None,
-                     progress: bool = True, **kw: Any) -> torch.Tensor:
-    """Head importance of every class vs the rest as a [classes, blocks, heads] tensor: a scorer of head_importance
-    (one shared forward per batch), or 'gate' = |gates| after gradient-reset training to `keep` heads (default half)."""
-    classes = list(range(model.num_classes)) if classes is None else list(classes)
+def class_importance(model: VisionTransformer, data: Data, classes: Sequence[int | str] | None = None,
+                     method: str = "fisher", keep: int | None = None, cfg: ResetConfig | None = None,
+                     per_side: int | None = None, progress: bool = True, device: torch.device | str | None = None,
+                     amp: Amp = None, **kw: Any) -> torch.Tensor:
+    """Head importance of each class vs the rest as a [classes, blocks, heads] tensor (CPU): a scorer of
+    head_importance (one shared forward per batch), or 'gate' = |gates| after gradient-reset training to `keep` heads
+    (default half). classes: indices or ImageFolder names; None = default_classes(model) (5 evenly spaced classes,
+    all of a model with at most 5), so a 1,000-class model never gets one run per class unless asked."""
+    classes = default_classes(model) if classes is None else resolve_classes(data, classes)
+    for c in classes:
+        check_target(model, c)
     if method != "gate":
         if method not in SCORERS:
             raise HeadsError(f"method must be 'gate' or one of {SCORERS}, got {method!r}")
-        return head_importance(insert_gates(copy.deepcopy(model)), data, classes, [method], progress=progress, **kw)[method]
+        work = insert_gates(copy.deepcopy(model).to(device if device is not None else device_of(model)))
+        return head_importance(work, data, classes, [method], progress=progress, amp=amp, **kw)[method]
     shape = num_heads(model)
     keep = keep if keep is not None else shape[0] * shape[1] // 2
     return torch.stack([decompose_class(model, data, c, keep, "reset", cfg, per_side=per_side, progress=progress,
-                                        **kw).info["importance"] for c in classes])
+                                        device=device, amp=amp, **kw).info["importance"] for c in classes])
 
 
 # ---- step 5: composition --------------------------------------------------------------------------------------
@@ -327,8 +347,8 @@ class ComposedClassifier(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.classes = [m.target[0] for m in parts]
-        self.register_buffer("shift", shift.float())
-        self.register_buffer("scale", scale.float())
+        self.register_buffer("shift", shift.float().to(device_of(parts[0])))
+        self.register_buffer("scale", scale.float().to(device_of(parts[0])))
         self.pretrained_cfg = getattr(parts[0], "pretrained_cfg", {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,19 +356,25 @@ class ComposedClassifier(nn.Module):
 
 
 @torch.inference_mode()
-def scores(model: nn.Module, data: Data, limit: int | None = None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(outputs, labels) of model over data; a ClassModule gives its log-odds score instead of 2 logits."""
-    x, y = tensors(data, limit)
+def scores(model: nn.Module, data: Data, limit: int | None = None, batch_size: int = 256,
+           amp: Amp = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) of model over data (CPU, dataset order), computed on the model's device; a ClassModule gives
+    its log-odds score instead of 2 logits."""
     model.eval()
+    dev = device_of(model)
     f = model.score if isinstance(model, ClassModule) else model
-    return torch.cat([f(x[s:s + batch_size]).float() for s in range(0, len(x), batch_size)]), y
+    outs = []
+    for x, _ in batches(data, batch_size, limit, dev):
+        with autocast(dev, amp):
+            outs.append(f(x).float().cpu())
+    return torch.cat(outs), labels(data)[:limit]
 
 
 Calibration = Literal["none", "threshold", "standardize"]
 
 
 def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration: Calibration = "standardize",
-            limit: int | None = None) -> ComposedClassifier:
+            limit: int | None = None, amp: Amp = None) -> ComposedClassifier:
     """Combine single-class modules into a classifier over their classes (argmax of calibrated log-odds): 'none' raw;
     'threshold' minus each module's held-out threshold; 'standardize' per-module mean/std over data's images in S."""
     if not parts or any(len(m.target) != 1 for m in parts) or len({m.target for m in parts}) != len(parts):
@@ -362,9 +388,8 @@ def compose(parts: Sequence[ClassModule], data: Data | None = None, calibration:
     elif calibration == "standardize":
         if data is None:
             raise HeadsError("calibration='standardize' needs data (the held-out split); pass data= or calibration='none'")
-        x, y = tensors(data, limit)
-        sel = torch.isin(y, torch.tensor([m.target[0] for m in parts]))
-        z = torch.stack([scores(m, (x[sel], y[sel]))[0] for m in parts], -1)
+        sel = torch.isin(labels(data)[:limit], torch.tensor([m.target[0] for m in parts])).nonzero().squeeze(1)
+        z = torch.stack([scores(m, subset(data, sel), amp=amp)[0] for m in parts], -1)
         shift, scale = z.mean(0), z.std(0).clamp_min(1e-6)
     elif calibration != "none":
         raise HeadsError(f"calibration must be 'none', 'threshold' or 'standardize', got {calibration!r}")
@@ -398,13 +423,13 @@ def restricted(model: VisionTransformer, classes: Sequence[int]) -> RestrictedCl
     return RestrictedClassifier(model, classes)
 
 
-def subset_accuracy(clf: ComposedClassifier | RestrictedClassifier, data: Data, limit: int | None = None) -> float:
+def subset_accuracy(clf: ComposedClassifier | RestrictedClassifier, data: Data, limit: int | None = None,
+                    amp: Amp = None) -> float:
     """Top-1 accuracy of a classifier over classes S on the images of data whose label is in S."""
-    x, y = tensors(data, limit)
     cls = torch.tensor(clf.classes)
-    sel = torch.isin(y, cls)
-    out, _ = scores(clf, (x[sel], y[sel]))
-    return (cls[out.argmax(-1)] == y[sel]).float().mean().item()
+    sel = torch.isin(labels(data)[:limit], cls).nonzero().squeeze(1)
+    out, y = scores(clf, subset(data, sel), amp=amp)
+    return (cls[out.argmax(-1)] == y).float().mean().item()
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------
@@ -430,12 +455,12 @@ def auc(score: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data: Data, ref_threshold: float | None = None,
-                  limit: int | None = None) -> dict[str, Any]:
+                  limit: int | None = None, amp: Amp = None) -> dict[str, Any]:
     """A flat record: module vs the reference model (or its logits on data) mapped to c-vs-rest, on the same images
     (the test split when reporting): BA / F1 / TPR / TNR by the top-1 rule, AUC of the log-odds, and, when
     module.threshold and ref_threshold are set (calibrated on the held-out split), BA at those thresholds."""
-    logits, y = scores(module.backbone, data, limit)
-    ref = reference if isinstance(reference, torch.Tensor) else scores(reference, data, limit)[0]
+    logits, y = scores(module.backbone, data, limit, amp=amp)
+    ref = reference.cpu() if isinstance(reference, torch.Tensor) else scores(reference, data, limit, amp=amp)[0]
     truth = torch.isin(y, torch.tensor(module.target))
     z, zr = log_odds(logits, module.target), log_odds(ref, module.target)
     pm, pr = top1_in(logits, module.target), top1_in(ref, module.target)
@@ -454,16 +479,34 @@ def module_report(module: ClassModule, reference: nn.Module | torch.Tensor, data
     return rec
 
 
+class _Synced(nn.Module):
+    """A model whose forward returns only once its device has finished (CUDA kernels run asynchronously)."""
+
+    def __init__(self, net: nn.Module, amp: Amp):
+        super().__init__()
+        self.net, self.amp = net, amp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp):
+            out = self.net(x)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        return out
+
+
 def latency(module: ClassModule | nn.Module, reference: nn.Module, batch_size: int = 256, runs: int = 5,
-            warmup: int = 1) -> dict[str, float]:
-    """Median seconds per batch of the module's backbone and of the reference, timed alternately on one random batch."""
-    nets = {"module": _backbone(module).eval(), "original": reference.eval()}
+            warmup: int = 1, device: torch.device | str | None = None, amp: Amp = None) -> dict[str, float]:
+    """Median seconds per batch of the module's backbone and of the reference, timed alternately on one random batch
+    on device (default: the module's; CUDA-synchronized), forwards autocast by amp."""
+    dev = torch.device(device) if device is not None else device_of(module)
+    nets = {"module": _Synced(moved(_backbone(module), dev).eval(), amp),
+            "original": _Synced(moved(reference, dev).eval(), amp)}
     pe = _backbone(reference).patch_embed
-    x = torch.randn(batch_size, pe.proj.in_channels, *pe.img_size)
+    x = torch.randn(batch_size, pe.proj.in_channels, *pe.img_size, device=dev)
     med = round_robin(nets, x, runs, warmup)
     return {"module_latency_s": med["module"], "original_latency_s": med["original"],
             "latency_speedup": med["original"] / med["module"], "latency_batch_size": batch_size,
-            "latency_threads": torch.get_num_threads()}
+            "latency_threads": torch.get_num_threads(), "latency_device": str(dev), "latency_amp": amp or "off"}
 
 
 def jaccard(masks: torch.Tensor) -> torch.Tensor:
@@ -476,19 +519,21 @@ def jaccard(masks: torch.Tensor) -> torch.Tensor:
 
 def search_keep(model: VisionTransformer, data: Data, target: Target, keeps: Sequence[int], method: Method = "reset",
                 tolerance: float = 0.01, rule: Literal["calibrated", "top1"] = "calibrated", cfg: ResetConfig | None = None,
-                progress: bool = True, **kw: Any) -> tuple[ClassModule | None, list[dict[str, Any]]]:
+                progress: bool = True, device: torch.device | str | None = None, amp: Amp = None,
+                **kw: Any) -> tuple[ClassModule | None, list[dict[str, Any]]]:
     """Smallest keep in `keeps` whose module's balanced accuracy on data (the held-out split; calibrated thresholds or
     the top-1 rule) is within tolerance of the original's there, by bisection (assumes more heads never hurt).
     Returns (that module or None, one module_report record per keep tried, with 'ok')."""
-    ref = scores(model, data)[0]
+    target = _target(data, target)
+    ref = scores(moved(model, device), data, amp=amp)[0]
     thr = reference_threshold(ref, data, target)
     key = "calibrated_balanced_accuracy" if rule == "calibrated" else "balanced_accuracy"
     ks, lo, hi = sorted(set(keeps)), 0, len(set(keeps))
     best, recs = None, []
     while lo < hi:
         mid = (lo + hi) // 2
-        mod = decompose_class(model, data, target, ks[mid], method, cfg, progress=progress, **kw)
-        rec = module_report(mod, ref, data, ref_threshold=thr)
+        mod = decompose_class(model, data, target, ks[mid], method, cfg, progress=progress, device=device, amp=amp, **kw)
+        rec = module_report(mod, ref, data, ref_threshold=thr, amp=amp)
         rec["ok"] = rec[f"module_{key}"] >= rec[f"original_{key}"] - tolerance
         recs.append(rec)
         if rec["ok"]:

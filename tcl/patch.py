@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from . import tokens
@@ -88,7 +87,8 @@ class TclAttention(Attention):
             keys = tokens.head_sum(k.transpose(1, 2))
         elif keys_as == "head_keys":
             keys = F.normalize(k, dim=-1).transpose(1, 2).flatten(2)
-        o = self.norm(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        o = self.norm(o) if hasattr(self, "norm") else o  # older timm (1.0.9-1.0.15) has no Attention.norm
         if gate is not None:
             o = o * gate
         return self.proj_drop(self.proj(o)), cls, keys
@@ -195,7 +195,7 @@ def _patched_vit_class(base: type) -> type:
             if (size is None or self.attn_pool is not None or pool_type not in ("avg", "avgmax")
                     or self._tcl_info["config"].merge == "tome"):
                 return super().pool(x, pool_type)
-            if not self.pool_include_prefix:
+            if not getattr(self, "pool_include_prefix", False):  # older timm always leaves the prefix out
                 x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
             mean = (x * size).sum(dim=1) / size.sum(dim=1)
             return mean if pool_type == "avg" else 0.5 * (x.amax(dim=1) + mean)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from timm.layers import Attention
+from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from tcl import evaluate, heads, schedule
@@ -291,8 +291,10 @@ def test_bad_input_raises_clear_errors() -> None:
         heads.decompose_class(model, batch(), 1, 1, "taylor", progress=False)
     with pytest.raises(TypeError, match="VisionTransformer"):
         heads.insert_gates(torch.nn.Sequential(torch.nn.Linear(2, 2)))  # type: ignore[arg-type]
+    normed = tiny()
+    normed.blocks[1].attn.norm = torch.nn.LayerNorm(32)  # what timm's scale_attn_norm=True builds (newer timm only)
     with pytest.raises(heads.HeadsError, match="scale_attn_norm"):
-        heads.insert_gates(tiny(scale_attn_norm=True))
+        heads.insert_gates(normed)
     with pytest.raises(heads.HeadsError, match="insert_gates"):
         heads.gates(model)
     with pytest.raises(heads.HeadsError, match="shape"):

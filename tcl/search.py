@@ -549,71 +549,11 @@ def evaluations_to_match(rows: Sequence[dict[str, Any]], method: str = "evolve",
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-def _parser() -> Any:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tcl.search", description="Search per-block prune/merge rates and "
-                                 "write a budget -> schedule LookupTable; under torchrun candidates are sharded.")
-    ap.add_argument("--config", help="YAML file of the options below (command-line flags override it)")
-    ap.add_argument("--out", help="output folder (log shards, settings.json, table.json)")
-    ap.add_argument("--model", help="'reference' (default) or a timm model name")
-    ap.add_argument("--checkpoint", help="weights file (default: the shipped reference weights)")
-    ap.add_argument("--model-kwargs", type=json.loads, help="JSON kwargs for timm.create_model")
-    ap.add_argument("--data", choices=["fashion_mnist", "digits"], help="search data: Fashion-MNIST held-out split "
-                    "of the training set (default) or sklearn digits' train split (tests)")
-    ap.add_argument("--limit", type=int, help="use only the first LIMIT images of the search split")
-    ap.add_argument("--patch", type=json.loads, help='JSON kwargs for tcl.patch, e.g. \'{"merge": "attention"}\'')
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--cache-images", type=int, help="cache block inputs of this many images (default 512; ~0.2 MB each "
-                    "for the reference model) so blocks before a schedule's first reduction are skipped")
-    ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
-    ap.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
-    for f in dataclasses.fields(SearchConfig):
-        kind = json.loads if f.name == "targets" else str if f.name == "method" else type(f.default)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind)
-    return ap
-
-
 def main(argv: Sequence[str] | None = None) -> LookupTable:
-    """Command-line entry: python -m tcl.search --config configs/search_full.yaml [--flags]."""
-    from . import data as tdata, models
+    """Command-line entry `python -m tcl.search [--config C] [--flags]`: the same options as `tcl search`."""
+    from .cli import search_command  # the CLI module imports this one; importing it here keeps that one-way at load
 
-    args = vars(_parser().parse_args(argv))
-    opts: dict[str, Any] = {}
-    if args["config"]:
-        import yaml
-
-        opts = yaml.safe_load(Path(args["config"]).read_text()) or {}
-        if not isinstance(opts, dict):
-            raise SearchError(f"{args['config']} must hold a mapping of option: value")
-    opts.update({k: v for k, v in args.items() if v is not None and k != "config"})
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    unknown = set(opts) - fields - {"out", "model", "checkpoint", "model_kwargs", "data", "limit", "patch",
-                                    "batch_size", "cache_images", "threads", "quiet"}
-    if unknown:
-        raise SearchError(f"unknown option(s) {sorted(unknown)}; see python -m tcl.search --help")
-    if opts.get("patch", {}).get("merge") == "bipartite":
-        opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
-    rank, world = init_distributed()
-    torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))
-    name = opts.get("model", "reference")
-    model = (models.reference(opts.get("checkpoint")) if name == "reference"
-             else models.create(name, opts.get("checkpoint"), **opts.get("model_kwargs", {})))
-    which = opts.get("data", "fashion_mnist")
-    ds = tdata.fashion_mnist("heldout", limit=opts.get("limit")) if which == "fashion_mnist" else tdata.digits("train")
-    info = ({"name": "fashion_mnist", "split": "heldout", "heldout_size": tdata.HELDOUT_SIZE,
-             "heldout_seed": tdata.HELDOUT_SEED} if which == "fashion_mnist" else {"name": "digits", "split": "train"})
-    x, y = ds.tensors[0][:opts.get("limit")], ds.tensors[1][:opts.get("limit")]
-    cfg = SearchConfig(**{k: v for k, v in opts.items() if k in fields})
-    scorer = ReferenceScorer(model, (x, y), batch_size=opts.get("batch_size", 1000), info=info,
-                             cache_images=opts.get("cache_images", 512), **opts.get("patch", {}))
-    out = opts.get("out") or f"runs/search_{cfg.method}_{cfg.candidates}_seed{cfg.seed}"
-    t0 = time.perf_counter()
-    table = search(model, scorer, cfg, out, progress=not opts.get("quiet"))
-    if rank == 0:
-        print(f"{len(table.entries)} table entries from {cfg.candidates} candidates in {time.perf_counter() - t0:.1f} s "
-              f"({world} process(es) x {torch.get_num_threads()} thread(s)); table: {Path(out) / 'table.json'}")
-    return table
+    return search_command(argv, prog="python -m tcl.search")
 
 
 if __name__ == "__main__":

@@ -87,12 +87,46 @@ def reference(weights: str | os.PathLike | None = None) -> VisionTransformer:
     return model.eval()
 
 
-def create(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> VisionTransformer:
-    """A timm ViT by name, weights from a local checkpoint (random init when checkpoint is None), eval mode."""
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def _load_timm_file(model: VisionTransformer, path: Path) -> None:
+    """Load a local weights file with timm's own pretrained-loading path (checkpoint filter, .npz loader), strictly."""
+    from timm.models import load_pretrained
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    in_chans = model.patch_embed.proj.in_channels
+    cfg = {**model.pretrained_cfg, "file": str(path), "source": "", "num_classes": model.num_classes,
+           "input_size": (in_chans, *model.patch_embed.img_size), "custom_load": path.suffix == ".npz"}
+    try:
+        load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=in_chans, filter_fn=checkpoint_filter_fn,
+                        strict=True)
+    except RuntimeError as e:
+        if "state_dict" in str(e) or "size mismatch" in str(e) or "Missing key" in str(e):
+            raise CheckpointError(f"checkpoint {path} does not match the model {model.pretrained_cfg.get('architecture')}"
+                                  f" ({' '.join(str(e).split()[6:])[:300]}); pass the model name and kwargs (num_classes, "
+                                  "img_size, ...) the weights were trained with") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights file ({str(e)[:300]}); "
+                              "re-create or re-download it") from e
+    except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights file ({type(e).__name__}: "
+                              f"{str(e)[:300]}); re-create or re-download it") from e
+
+
+def create(name: str, checkpoint: str | os.PathLike | None = None, pretrained: bool | None = None,
+           **kwargs: Any) -> VisionTransformer:
+    """A timm ViT by name in eval mode: weights from a local file (checkpoint=), timm's download (pretrained=True) or
+    random (pretrained=False, explicitly); kwargs (num_classes, img_size, ...) go to timm.create_model."""
     import timm
 
     if name in ("reference", "tcl_reference"):
         return reference(checkpoint)
+    if checkpoint is not None and pretrained is not None:
+        raise CheckpointError("pass either checkpoint= (a local weights file) or pretrained=, not both")
+    path = Path(checkpoint).expanduser() if checkpoint is not None else None
+    if path is not None and not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a local weights file "
+                              f"({', '.join(WEIGHT_SUFFIXES)})")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:
@@ -100,8 +134,20 @@ def create(name: str, checkpoint: str | os.PathLike | None = None, **kwargs: Any
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer; tcl supports "
                         "ViT/DeiT/EVA-style models built on timm.models.vision_transformer.VisionTransformer")
-    if checkpoint is not None:
-        load_weights(model, checkpoint)
+    if path is None and pretrained is None:
+        raise CheckpointError(f"no weights given for {name!r}: pass checkpoint= a local weights file ("
+                              f"{', '.join(WEIGHT_SUFFIXES)}; CLI --checkpoint W), pretrained=True to download timm's "
+                              "weights (needs internet; CLI --pretrained), or pretrained=False for random weights "
+                              "(CLI --random-init)")
+    if path is not None:
+        _load_timm_file(model, path)
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:  # noqa: BLE001 - offline, unknown tag, hub errors: all mean "no weights"
+            raise CheckpointError(f"could not download timm's weights for {name!r} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); on an offline machine pass "
+                                  "checkpoint= a local weights file") from e
     in_chans = model.patch_embed.proj.in_channels
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (in_chans, *model.patch_embed.img_size)}
     return model.eval()

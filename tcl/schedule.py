@@ -234,8 +234,11 @@ def unified(model: torch.nn.Module | ViTDims, prune_rate: float, merge_rate: flo
 
 
 def at_macs(model: torch.nn.Module, kind: str, fraction: float, **kw: Any) -> Schedule:
-    """The ToMe / EViT / unified schedule whose MACs are closest to fraction·full MACs (EViT's keep or the unified rates
-    fitted; ToMe's model.r, constant if one comes within 0.5 % of full MACs, else also (r, inflection) forms)."""
+    """The ToMe / EViT / unified / DiffRate schedule whose MACs are closest to fraction·full MACs (EViT's keep or the
+    unified rates fitted; ToMe's model.r, constant if one comes within 0.5 % of full MACs, else also (r, inflection)
+    forms; 'diffrate' is the unified family carrying DiffRate's op, merge='diffrate')."""
+    if kind == "diffrate":
+        return at_macs(model, "unified", fraction, **kw).with_settings(PatchSettings(merge="diffrate"))
     full = macs(model)
     target = fraction * full
     if kind == "tome":
@@ -251,7 +254,7 @@ def at_macs(model: torch.nn.Module, kind: str, fraction: float, **kw: Any) -> Sc
             ratio = kw.pop("prune_share", 0.5)
             cands = [unified(model, g * 2 * ratio, g * 2 * (1 - ratio), **kw) for g in grid if max(ratio, 1 - ratio) * 2 * g < 1]
     else:
-        raise ScheduleError(f"kind must be 'tome', 'evit' or 'unified', got {kind!r}")
+        raise ScheduleError(f"kind must be 'tome', 'evit', 'unified' or 'diffrate', got {kind!r}")
     best = min(cands, key=lambda s: abs(macs(model, s) - target))
     if abs(macs(model, best) - target) > 0.02 * full:
         raise ScheduleError(f"no {kind} schedule comes within 2% of {fraction:.0%} MACs (closest "

@@ -10,33 +10,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib
 import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
-from .settings import PatchSettings
+from .scorer import Apply, ReferenceScorer, Scorer, SearchError, patched
 from .table import BudgetError, LookupTable, TableError, better, build_table, mac_bin, model_info, read_log, sort_key
 from .utils import write_json
 
-__all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "LookupTable", "TableError", "BudgetError",
+__all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "Apply", "patched", "LookupTable", "TableError", "BudgetError",
            "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "selection_check", "mutate_schedule",
            "fit_rates", "rates_of", "build_table", "budget_curve",
            "read_log", "init_distributed", "main"]
-
-
-class SearchError(RuntimeError):
-    """Raised for a search that cannot run or resume as asked."""
 
 
 # ---- search space ---------------------------------------------------------------------------------------------
@@ -161,150 +154,9 @@ def mutate_schedule(d: ViTDims, parent: Schedule, rng: np.random.Generator, targ
     return fit_rates(d, r.tolist(), target_macs, max_merge, meta)
 
 
-# ---- scoring ---------------------------------------------------------------------------------------------------
-class Scorer(Protocol):
-    """Scores a schedule on the first n images of a fixed evaluation set; `size` images are available."""
-
-    size: int
-
-    def __call__(self, schedule: Schedule, n: int) -> dict[str, float]: ...
-
-
-Apply = Callable[[torch.nn.Module, Schedule], ContextManager[Any]]
-
-
-def patched(**patch_kwargs: Any) -> Apply:
-    """An Apply that compresses the model by a schedule's counts with the settings of patch_kwargs (tcl.patch's
-    keywords; whatever settings the schedule carries are replaced) and unpatches on exit."""
-    mod = importlib.import_module(".patch", __package__)
-    trace = bool(patch_kwargs.get("trace_source", False))
-    settings = PatchSettings.from_dict(patch_kwargs)
-
-    @contextlib.contextmanager
-    def apply(model: torch.nn.Module, schedule: Schedule) -> Iterator[torch.nn.Module]:
-        mod.patch(model, schedule.with_settings(settings), trace_source=trace)
-        try:
-            yield model
-        finally:
-            mod.unpatch(model)
-
-    return apply
-
-
-def _tensors(data: Dataset | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(data, tuple):
-        return data
-    if hasattr(data, "tensors"):
-        return data.tensors[0], data.tensors[1]  # type: ignore[attr-defined]
-    xs, ys = zip(*(data[i] for i in range(len(data))))  # type: ignore[arg-type]
-    return torch.stack(xs), torch.as_tensor(ys)
-
-
-def _means(per_image: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: v.mean().item() for k, v in per_image.items()}
-
-
 def _under(rec: dict[str, Any], full: int, width: float, budget: float, window: int) -> bool:
     """Whether a record lies in one of the `window` MACs bins just under budget."""
     return round(budget / width) - window <= mac_bin(rec, full, width) < round(budget / width)
-
-
-class ReferenceScorer:
-    """Scores compressed models against the uncompressed model's logits, cached once on a fixed (shuffled) dataset.
-
-    Returns kl (mean KL(uncompressed || compressed), lower is better), agree (top-1 agreement with the uncompressed
-    model) and acc (top-1 accuracy). Image order is a seeded permutation, so the first n images are a random subset.
-    For n <= cache_images the inputs of every block are cached too, and a schedule whose first reduction is at
-    block s runs only blocks s.. (checked once against the plain patched forward; off if they disagree).
-    """
-
-    def __init__(self, model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor],
-                 apply: Apply | None = None, batch_size: int = 1000, order_seed: int = 0, cache_images: int = 512,
-                 info: dict[str, Any] | None = None, **patch_kwargs: Any):
-        if getattr(model, "_tcl_info", None) is not None:
-            raise SearchError("the model is patched; call tcl.unpatch(model) first (scores compare against the "
-                              "uncompressed model's predictions)")
-        x, y = _tensors(data)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(order_seed))
-        self.model, self.x, self.y, self.batch_size = model.eval(), x[perm], y[perm], batch_size
-        self.apply = apply if apply is not None else patched(**patch_kwargs)
-        # the op every schedule is scored with (what the search's table carries); unknown for a custom apply
-        self.settings = PatchSettings.from_dict(patch_kwargs) if apply is None else None
-        self.size, self.dims = len(x), vit_dims(model)
-        self.info = {"size": self.size, "order_seed": order_seed, "patch": patch_kwargs, **(info or {})}
-        self.full = Schedule.full(model)
-        self.ref, self.cache = self._reference_pass(min(cache_images, self.size))
-        self.ref_logp = F.log_softmax(self.ref, -1)
-        self.reference_scores = _means(self._per_image(self.ref, self.size))
-        if self.cache and not self._cache_agrees():
-            self.cache = []
-
-    @torch.inference_mode()
-    def _reference_pass(self, cache_images: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Uncompressed logits of all images, and the input of every block for the first cache_images."""
-        got: list[list[torch.Tensor]] = [[] for _ in self.model.blocks]
-        want = [0]
-        hooks = [blk.register_forward_pre_hook(lambda _m, a, k=k: got[k].append(a[0][:want[0]].clone()) if want[0] else None)
-                 for k, blk in enumerate(self.model.blocks) if k > 0]
-        out = []
-        try:
-            for i in range(0, self.size, self.batch_size):
-                want[0] = max(0, min(cache_images - i, self.batch_size))
-                out.append(self.model(self.x[i:i + self.batch_size]).float())
-        finally:
-            for h in hooks:
-                h.remove()
-        return torch.cat(out), ([torch.empty(0)] + [torch.cat(g) for g in got[1:]] if cache_images else [])
-
-    @torch.inference_mode()
-    def _logits(self, n: int, start: int = 0) -> torch.Tensor:
-        out, m = [], self.model
-        for i in range(0, n, self.batch_size):
-            j = min(i + self.batch_size, n)
-            if start == 0:
-                out.append(m(self.x[i:j]).float())
-                continue
-            m._tcl_info.update(size=None, source=None)  # what the patched forward_features resets first
-            h = self.cache[start][i:j]
-            for blk in m.blocks[start:]:
-                h = blk(h)
-            out.append(m.forward_head(m.norm(h)).float())
-        return torch.cat(out)
-
-    def _start(self, s: Schedule) -> int:
-        """The first block that removes tokens (the ones before it equal the uncompressed model's)."""
-        return next((i for i, m in enumerate(s.merge) if m < self.dims.tokens), len(s))
-
-    def _cache_agrees(self) -> bool:
-        d, k = self.dims, self.dims.depth // 2
-        if k == 0 or d.tokens - d.prefix < 3:
-            return False
-        keep = [d.tokens] * k + [d.tokens - 1] * (d.depth - k)
-        s = Schedule(keep, keep)
-        with self.apply(self.model, s):
-            if getattr(self.model, "_tcl_info", None) is None:
-                return False
-            n = min(8, len(self.cache[k]))
-            return torch.allclose(self._logits(n, k), self._logits(n), atol=1e-4, rtol=1e-4)
-
-    def _per_image(self, logits: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
-        logp, ref_logp = F.log_softmax(logits, -1), self.ref_logp[:n]
-        pred = logits.argmax(-1)
-        return {"kl": (ref_logp.exp() * (ref_logp - logp)).sum(-1), "agree": (pred == ref_logp.argmax(-1)).float(),
-                "acc": (pred == self.y[:n]).float()}
-
-    def per_image(self, schedule: Schedule, n: int | None = None) -> dict[str, torch.Tensor]:
-        """Per-image kl, agree and acc ([n] tensors) of the model compressed by schedule on the first n images."""
-        n = self.size if n is None else min(n, self.size)
-        start = self._start(schedule)
-        if start == len(schedule):
-            return self._per_image(self.ref[:n], n)
-        with self.apply(self.model, schedule):
-            return self._per_image(self._logits(n, start if self.cache and n <= len(self.cache[-1]) else 0), n)
-
-    def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
-        """Scores of the model compressed by schedule on the first n images (all when None)."""
-        return _means(self.per_image(schedule, n))
 
 
 # ---- search ----------------------------------------------------------------------------------------------------
@@ -328,7 +180,8 @@ class SearchConfig:
     sigma: float = 0.15  # evolve: std of the rate perturbation
     elite: int = 3  # evolve: parents drawn from the `elite` Pareto-front candidates nearest the target MACs
     anchors: bool = True  # also score the ToMe / EViT schedules of the range (stage "anchor", ids -2, -3, ...)
-    subset_dtype: str = "float32"  # "bfloat16": autocast the subset and anchor stages (the whole split stays float32)
+    subset_dtype: str = "float32"  # "bfloat16": autocast the subset and anchor stages (the whole split stays float32);
+    #   "auto": bfloat16 only where the device has native bf16 and a timing of a few subset evaluations finds it faster
     targets: list[float] | None = None  # evolve: spend the rounds on the window [b - bin_width, b) below each budget b
     #   (fractions of full MACs) and re-score on the whole split only those windows (topk per window)
 
@@ -337,8 +190,8 @@ class SearchConfig:
             raise SearchError(f"method must be 'random' or 'evolve', got {self.method!r}")
         if not 0 < self.min_fraction < self.max_fraction <= 1:
             raise SearchError(f"need 0 < min_fraction < max_fraction <= 1, got {self.min_fraction}, {self.max_fraction}")
-        if self.subset_dtype not in ("float32", "bfloat16"):
-            raise SearchError(f"subset_dtype must be 'float32' or 'bfloat16', got {self.subset_dtype!r}")
+        if self.subset_dtype not in ("float32", "bfloat16", "auto"):
+            raise SearchError(f"subset_dtype must be 'float32', 'bfloat16' or 'auto', got {self.subset_dtype!r}")
         if self.candidates < 1 or self.subset < 1 or self.topk < 1:
             raise SearchError("candidates, subset and topk must be >= 1")
         if self.targets is not None:
@@ -373,15 +226,63 @@ class _Log:
             self.f.close()
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on GPU, gloo on CPU); return (rank, world)."""
+def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1: on CUDA (default when available) this rank's LOCAL_RANK
+    GPU with nccl, on CPU gloo; return (rank, world)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if torch.cuda.is_available():
+        cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _measure_subset_dtype(scorer: Scorer, d: ViTDims, cfg: "SearchConfig", rounds: int = 4) -> dict[str, Any]:
+    """The subset-stage precision for subset_dtype='auto': bfloat16 only where the scorer's device has native bf16 and
+    interleaved timings of `rounds` subset evaluations (first one warm-up) find it faster; with the evidence."""
+    import statistics
+
+    from .utils import device_of, native_bf16, synchronize
+
+    model = getattr(scorer, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return {"chosen": "float32", "reason": "the scorer has no model to time"}
+    device = device_of(model)
+    if getattr(scorer, "amp", None):
+        return {"chosen": "float32", "reason": f"the scorer already runs under amp={scorer.amp}"}  # type: ignore[attr-defined]
+    if not native_bf16(device):
+        return {"chosen": "float32", "reason": f"{device.type} has no native bfloat16", "native_bf16": False}
+    s = sample_schedule(d, cfg.seed, 0, cfg.min_fraction, cfg.max_fraction, cfg.max_merge)
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for _ in range(rounds):
+        for name in times:
+            synchronize(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16) if name == "bfloat16" else contextlib.nullcontext():
+                scorer(s, cfg.subset)
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"chosen": "bfloat16" if med["bfloat16"] < med["float32"] else "float32", "native_bf16": True,
+            "seconds_per_evaluation": med, "device": str(device), "threads": torch.get_num_threads()}
+
+
+def resolve_subset_dtype(scorer: Scorer, d: ViTDims, cfg: "SearchConfig",
+                         out_dir: Path | None = None) -> tuple["SearchConfig", dict[str, Any]]:
+    """cfg with subset_dtype 'auto' replaced by the measured choice (rank 0's under torchrun), or by the one a resumed
+    search in out_dir recorded; and the record of that choice ({} when cfg names a dtype)."""
+    if cfg.subset_dtype != "auto":
+        return cfg, {}
+    settings = out_dir / "settings.json" if out_dir is not None else None
+    old = json.loads(settings.read_text())["config"].get("subset_dtype") if settings and settings.exists() else None
+    if old in ("float32", "bfloat16"):
+        note = {"chosen": old, "reason": f"resumed the search in {out_dir}"}
+    else:
+        note = _measure_subset_dtype(scorer, d, cfg)
+        note = _gather([note], init_distributed()[1])[0]  # every rank takes rank 0's choice
+    return dataclasses.replace(cfg, subset_dtype=note["chosen"]), {"subset_dtype": "auto", **note}
 
 
 def _gather(new: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
@@ -527,6 +428,7 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     info, data = model_info(model), dict(getattr(scorer, "info", {}))
+    cfg, precision = resolve_subset_dtype(scorer, vit_dims(model), cfg, out)
     run = _Run(vit_dims(model), scorer, cfg, out, progress)
     if out is not None:
         _check_settings(out, _settings(cfg, info, data), run.rank, run.world)
@@ -545,7 +447,8 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
         run.log.close()
     table = build_table([run.records[("full", i)] for i in top], info, cfg, data,
                         {"evaluations_subset": len(run.stage("subset", below=cfg.candidates)),
-                         "evaluations_anchor": len(run.stage("anchor")), "evaluations_full": len(top)},
+                         "evaluations_anchor": len(run.stage("anchor")), "evaluations_full": len(top),
+                         **({"subset_precision": precision} if precision else {})},
                         getattr(scorer, "settings", None))
     if out is not None and run.rank == 0:
         table.save(out / "table.json")
@@ -647,71 +550,11 @@ def evaluations_to_match(rows: Sequence[dict[str, Any]], method: str = "evolve",
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-def _parser() -> Any:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m tcl.search", description="Search per-block prune/merge rates and "
-                                 "write a budget -> schedule LookupTable; under torchrun candidates are sharded.")
-    ap.add_argument("--config", help="YAML file of the options below (command-line flags override it)")
-    ap.add_argument("--out", help="output folder (log shards, settings.json, table.json)")
-    ap.add_argument("--model", help="'reference' (default) or a timm model name")
-    ap.add_argument("--checkpoint", help="weights file (default: the shipped reference weights)")
-    ap.add_argument("--model-kwargs", type=json.loads, help="JSON kwargs for timm.create_model")
-    ap.add_argument("--data", choices=["fashion_mnist", "digits"], help="search data: Fashion-MNIST held-out split "
-                    "of the training set (default) or sklearn digits' train split (tests)")
-    ap.add_argument("--limit", type=int, help="use only the first LIMIT images of the search split")
-    ap.add_argument("--patch", type=json.loads, help='JSON kwargs for tcl.patch, e.g. \'{"merge": "attention"}\'')
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--cache-images", type=int, help="cache block inputs of this many images (default 512; ~0.2 MB each "
-                    "for the reference model) so blocks before a schedule's first reduction are skipped")
-    ap.add_argument("--threads", type=int, help="torch threads per process (default: cores / processes)")
-    ap.add_argument("--quiet", action="store_true", default=None, help="no progress bar")
-    for f in dataclasses.fields(SearchConfig):
-        kind = json.loads if f.name == "targets" else str if f.name == "method" else type(f.default)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind)
-    return ap
-
-
 def main(argv: Sequence[str] | None = None) -> LookupTable:
-    """Command-line entry: python -m tcl.search --config configs/search_full.yaml [--flags]."""
-    from . import data as tdata, models
+    """Command-line entry `python -m tcl.search [--config C] [--flags]`: the same options as `tcl search`."""
+    from .cli import search_command  # the CLI module imports this one; importing it here keeps that one-way at load
 
-    args = vars(_parser().parse_args(argv))
-    opts: dict[str, Any] = {}
-    if args["config"]:
-        import yaml
-
-        opts = yaml.safe_load(Path(args["config"]).read_text()) or {}
-        if not isinstance(opts, dict):
-            raise SearchError(f"{args['config']} must hold a mapping of option: value")
-    opts.update({k: v for k, v in args.items() if v is not None and k != "config"})
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-    unknown = set(opts) - fields - {"out", "model", "checkpoint", "model_kwargs", "data", "limit", "patch",
-                                    "batch_size", "cache_images", "threads", "quiet"}
-    if unknown:
-        raise SearchError(f"unknown option(s) {sorted(unknown)}; see python -m tcl.search --help")
-    if opts.get("patch", {}).get("merge") in ("bipartite", "tome"):
-        opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
-    rank, world = init_distributed()
-    torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))
-    name = opts.get("model", "reference")
-    model = (models.reference(opts.get("checkpoint")) if name == "reference"
-             else models.create(name, opts.get("checkpoint"), **opts.get("model_kwargs", {})))
-    which = opts.get("data", "fashion_mnist")
-    ds = tdata.fashion_mnist("heldout", limit=opts.get("limit")) if which == "fashion_mnist" else tdata.digits("train")
-    info = ({"name": "fashion_mnist", "split": "heldout", "heldout_size": tdata.HELDOUT_SIZE,
-             "heldout_seed": tdata.HELDOUT_SEED} if which == "fashion_mnist" else {"name": "digits", "split": "train"})
-    x, y = ds.tensors[0][:opts.get("limit")], ds.tensors[1][:opts.get("limit")]
-    cfg = SearchConfig(**{k: v for k, v in opts.items() if k in fields})
-    scorer = ReferenceScorer(model, (x, y), batch_size=opts.get("batch_size", 1000), info=info,
-                             cache_images=opts.get("cache_images", 512), **opts.get("patch", {}))
-    out = opts.get("out") or f"runs/search_{cfg.method}_{cfg.candidates}_seed{cfg.seed}"
-    t0 = time.perf_counter()
-    table = search(model, scorer, cfg, out, progress=not opts.get("quiet"))
-    if rank == 0:
-        print(f"{len(table.entries)} table entries from {cfg.candidates} candidates in {time.perf_counter() - t0:.1f} s "
-              f"({world} process(es) x {torch.get_num_threads()} thread(s)); table: {Path(out) / 'table.json'}")
-    return table
+    return search_command(argv, prog="python -m tcl.search")
 
 
 if __name__ == "__main__":

@@ -37,3 +37,59 @@ def _jsonable(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# ---- devices and precision -------------------------------------------------------------------------------------
+AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+
+
+def default_device() -> "torch.device":
+    """CUDA when available (this process's LOCAL_RANK GPU under torchrun), else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def device_of(module: "torch.nn.Module") -> "torch.device":
+    """The device of a module's first parameter or buffer (CPU for a module without tensors)."""
+    import torch
+
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def autocast(device: "torch.device | str", amp: str | None) -> Any:
+    """torch.autocast for amp 'bf16' / 'fp16' on device, or a no-op context for None / 'off' / 'float32'."""
+    import contextlib
+
+    import torch
+
+    if amp in (None, "off", "none", "float32", "fp32"):
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be 'bf16', 'fp16' or None (off), got {amp!r}")
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, AMP_DTYPES[amp]))
+
+
+def synchronize(device: "torch.device | str") -> None:
+    """Wait for the device's queued work (CUDA); no-op on CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def native_bf16(device: "torch.device | str") -> bool:
+    """Whether the device computes bfloat16 natively (CUDA: is_bf16_supported; CPU: AVX512-BF16 or AMX)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(bool(c()) for c in checks if c is not None)
+    return False

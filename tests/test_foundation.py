@@ -61,7 +61,7 @@ def test_image_folder_uses_timm_eval_transforms(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(2):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
-    m = tcl.models.create("vit_tiny_patch16_224", img_size=32, num_classes=2)
+    m = tcl.models.create("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=2)
     ds = data.image_folder(tmp_path, model=m)
     x, y = ds[3]
     assert x.shape == (3, 32, 32) and y == 1 and len(ds) == 4
@@ -96,9 +96,9 @@ def test_checkpoint_roundtrip_corrupt_and_mismatched(tmp_path):
 
 def test_create_rejects_non_vit_and_unknown_names():
     with pytest.raises(TypeError, match="not a timm VisionTransformer"):
-        models.create("resnet18")
+        models.create("resnet18", pretrained=False)
     with pytest.raises(ValueError, match="unknown timm model"):
-        models.create("no_such_model_xyz")
+        models.create("no_such_model_xyz", pretrained=False)
 
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="reference weights not trained yet")
@@ -132,7 +132,7 @@ def test_throughput_reports_median_and_threads():
 
 @pytest.mark.parametrize("name,gmacs", [("deit_small_patch16_224", 4.60), ("deit_base_patch16_224", 17.56)])
 def test_published_macs(name, gmacs):
-    m = models.create(name)
+    m = models.create(name, pretrained=False)
     assert round(macs(m) / 1e9, 2) == gmacs
 
 
@@ -143,7 +143,7 @@ def test_analytic_macs_equal_flop_counter(kw):
 
 
 def test_analytic_macs_equal_flop_counter_deit_small():
-    m = models.create("deit_small_patch16_224")
+    m = models.create("deit_small_patch16_224", pretrained=False)
     assert macs(m) == evaluate.counted_macs(m)
 
 

@@ -1,7 +1,7 @@
 """GPU check (`make gpu-check`): on a CUDA machine, with a random-weight timm model (default deit_small_patch16_224):
 
 1. exactness: the patched forward with the full (empty) schedule equals the unpatched one on the device in float32
-   (max |diff| <= 1e-5), and a ToMe schedule (bipartite merge) gives the same logits on the device as on the CPU
+   (max |diff| <= 1e-5), and an exact ToMe schedule gives the same logits on the device as on the CPU
    (within --tome-atol; TF32 off for this part);
 2. throughput at --batch (256) under --amp (bf16) autocast, CUDA-synchronized, median of --runs: uncompressed, ToMe
    r=13 and a fixed pruned+merged example (tcl.schedule.at_macs(model, "unified", 2.9 / 4.6): DiffRate's DeiT-S budget);
@@ -50,8 +50,8 @@ def exactness(name: str, device: torch.device, batch: int, tome_r: float, tome_a
         plain = dev_model(x.to(device))
         full = tcl.patch(copy.deepcopy(dev_model), Schedule.full(dev_model))(x.to(device))
         s = Schedule.tome(model, tome_r)
-        cpu = tcl.patch(copy.deepcopy(model), s, merge="bipartite")(x)
-        gpu = tcl.patch(copy.deepcopy(dev_model), s, merge="bipartite")(x.to(device)).cpu()
+        cpu = tcl.patch(copy.deepcopy(model), s)(x)
+        gpu = tcl.patch(copy.deepcopy(dev_model), s)(x.to(device)).cpu()
     full_diff = float((full - plain).abs().max())
     tome_diff = float((gpu - cpu).abs().max())
     return {"full_schedule_max_abs_diff": full_diff, "full_schedule_ok": full_diff <= 1e-5,
@@ -61,11 +61,8 @@ def exactness(name: str, device: torch.device, batch: int, tome_r: float, tome_a
 
 
 def random_model(name: str) -> torch.nn.Module:
-    """The timm model `name` with random weights, asked for explicitly where tcl.models.create takes pretrained=."""
-    import inspect
-
-    explicit = "pretrained" in inspect.signature(tcl.models.create).parameters
-    return (tcl.models.create(name, pretrained=False) if explicit else tcl.models.create(name)).eval()
+    """The timm model `name` with explicitly random weights."""
+    return tcl.models.create(name, pretrained=False).eval()
 
 
 @torch.inference_mode()
@@ -76,8 +73,9 @@ def throughput(name: str, device: torch.device, batch: int, amp: str | None, run
     full = macs(base)
     methods: dict[str, tuple[Schedule | None, dict[str, Any]]] = {
         "uncompressed": (None, {}),
-        "tome_r13": (Schedule.tome(base, 13), {"merge": "bipartite"}),
+        "tome_r13": (Schedule.tome(base, 13), {}),  # carries ToMe's op
         "pruned_merged": (at_macs(base, "unified", 2.9 / 4.6), {"merge": "attention"}),  # DiffRate DeiT-S 2.9 of 4.6 G
+        "diffrate_op": (at_macs(base, "diffrate", 2.9 / 4.6), {}),
     }
     models = {k: base if s is None else tcl.patch(copy.deepcopy(base), s, **kw) for k, (s, kw) in methods.items()}
     x = torch.randn(batch, *base.pretrained_cfg["input_size"], device=device)
@@ -96,7 +94,7 @@ def throughput(name: str, device: torch.device, batch: int, amp: str | None, run
     for k, (s, kw) in methods.items():
         med = statistics.median(times[k])
         out.append({"method": k, "img_per_s": batch / med, "median_s": med, "macs": macs(base, s),
-                    "macs_fraction": macs(base, s) / full, "patch": kw, "batch": batch, "amp": amp or "off",
+                    "macs_fraction": macs(base, s) / full, "patch": (s.settings.kwargs() if s is not None and s.settings is not None else kw), "batch": batch, "amp": amp or "off",
                     "runs": runs, "schedule": None if s is None else s.to_dict()})
     ref = out[0]["img_per_s"]
     for r in out:

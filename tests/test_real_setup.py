@@ -208,7 +208,7 @@ def test_cli_search_eval_and_table_end_to_end(folder, weights, tmp_path, capsys,
     assert "table entries from 40 candidates" in text and (out / "table.json").is_file()
     table = LookupTable.load(out / "table.json", small_model(weights))
     assert table.data["name"] == "folder" and table.data["heldout_size"] == 12 and table.data["size"] == 12
-    assert table.patch_kwargs == {"merge": "bipartite"} and table.search["evaluations_subset"] == 40
+    assert table.settings.merge == "bipartite" and table.search["evaluations_subset"] == 40
     code, _, _ = run_cli(argv, capsys)  # resumed: nothing left to evaluate
     assert code == 0 and LookupTable.load(out / "table.json").to_dict() == table.to_dict()
     code, text, err = run_cli(["eval", *model_flags(weights), "--data", str(folder), "--table", str(out / "table.json"),

@@ -23,6 +23,7 @@ from .models import CheckpointError
 from .schedule import Schedule, ScheduleError, at_macs, macs
 from .scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
 from .search import SearchConfig, init_distributed, search
+from .settings import PatchSettings
 from .table import BudgetError, LookupTable, TableError
 from .utils import default_device, write_json
 
@@ -170,8 +171,7 @@ def run_search(argv: Sequence[str] | None = None, prog: str = "tcl search") -> L
     """`tcl search`: build the model, the held-out split and its scorer, and run (or resume) the search."""
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
     opts = _options(search_parser(prog).parse_args(argv), fields | MODEL_KEYS | DATA_KEYS | RUN_KEYS | SEARCH_KEYS, prog)
-    if opts.get("patch", {}).get("merge") in ("bipartite", "tome"):
-        opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
+    opts.setdefault("max_merge", PatchSettings.from_dict(opts.get("patch", {})).max_merge)
     device = _device(opts)
     rank, world = init_distributed(device)
     torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))

@@ -305,6 +305,15 @@ def split(data: str | os.PathLike, which: Which, model: torch.nn.Module | None =
     return FolderImages([train[i] for i in idx], classes, transform, on_bad_image), info
 
 
+def class_names(data: str | os.PathLike, ds: Dataset) -> list[str]:
+    """The class names of a dataset from `split` (folder names, Fashion-MNIST's names, or the digits)."""
+    if hasattr(ds, "classes"):
+        return list(ds.classes)  # type: ignore[attr-defined]
+    if str(data) == "fashion_mnist":
+        return list(FMNIST_CLASSES)
+    return [str(k) for k in range(10)] if str(data) == "digits" else []
+
+
 def model_input(model: torch.nn.Module) -> tuple[int, int, int] | None:
     """(channels, height, width) a timm ViT takes, or None where it is not fixed (dynamic_img_size)."""
     pe = getattr(model, "patch_embed", None)

@@ -76,27 +76,38 @@ def pareto(records: Sequence[dict[str, Any]], x: str, y: str, hue: str = "method
     return fig
 
 
+def denormalize(x: Any, model: Any) -> Any:
+    """Model inputs [B, C, H, W] back to images in [0, 1] with the model's pretrained_cfg mean/std: [B, H, W(, 3)]."""
+    import torch
+
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg["mean"], dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=x.dtype).view(1, -1, 1, 1)
+    img = (x.detach().cpu() * std + mean).clamp(0, 1)
+    return img[:, 0] if img.shape[1] == 1 else img.permute(0, 2, 3, 1)
+
+
 def merge_overlay(images: Any, source: Any, grid: int, prefix: int, titles: Sequence[str] | None = None) -> plt.Figure:
-    """ToMe-style view: each final token's input patches drawn in one colour (its mean grey level) with outlines."""
+    """ToMe-style view: each final token's input patches drawn in one colour (their mean colour) with outlines."""
     import numpy as np
 
-    imgs = np.asarray(images)  # [B, H, W] in [0, 1]
+    imgs = np.asarray(images)  # [B, H, W] grey or [B, H, W, 3] RGB, in [0, 1]
+    rgb_in = imgs if imgs.ndim == 4 else np.repeat(imgs[..., None], 3, -1)
     src = np.asarray(source)[:, :, prefix:]  # [B, tokens, patches]
     b = imgs.shape[0]
     fig, axes = plt.subplots(2, b, figsize=(1.6 * b, 3.4), squeeze=False)
-    ps = imgs.shape[-1] // grid
+    ps = imgs.shape[2] // grid
     for i in range(b):
         owner = src[i].argmax(0).reshape(grid, grid)  # final token holding each patch
         tok = np.kron(owner, np.ones((ps, ps), dtype=int))
-        mean = np.zeros_like(imgs[i])
+        rgb = np.zeros_like(rgb_in[i])
         for t in np.unique(tok):
-            mean[tok == t] = imgs[i][tok == t].mean()
+            rgb[tok == t] = rgb_in[i][tok == t].mean(0)
         edge = (np.diff(tok, axis=0, prepend=tok[:1]) != 0) | (np.diff(tok, axis=1, prepend=tok[:, :1]) != 0)
-        rgb = np.stack([mean] * 3, -1)
         rgb[edge] = (1.0, 0.3, 0.1)
         dropped = src[i].sum(0).reshape(grid, grid) == 0
         rgb[np.kron(dropped, np.ones((ps, ps))) > 0] = (0.1, 0.2, 0.6)
-        axes[0, i].imshow(imgs[i], cmap="gray")
+        axes[0, i].imshow(imgs[i], cmap="gray" if imgs.ndim == 3 else None)
         axes[1, i].imshow(rgb)
         axes[0, i].set_title(titles[i] if titles else "", fontsize=7)
         for a in axes[:, i]:

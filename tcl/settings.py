@@ -63,6 +63,11 @@ class PatchSettings:
         """A JSON-able dict (similarity None stays None: the merge's own)."""
         return dataclasses.asdict(self)
 
+    @property
+    def max_merge(self) -> float:
+        """The most of the non-protected tokens one merge step can remove: half for bipartite matching, else all."""
+        return 0.5 if self.merge in ("bipartite", "tome") else 1.0
+
     def kwargs(self) -> dict[str, Any]:
         """The tcl.patch keyword arguments that reproduce these settings."""
         return {**self.to_dict(), "similarity": self.metric}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import json
 import os
 import warnings
@@ -30,12 +31,14 @@ class BudgetError(ValueError):
 
 
 def better(score: str, a: float, b: float) -> bool:
-    """Whether score value a is strictly better than b (kl: lower; acc/agree: higher)."""
-    return a < b if score in LOWER_IS_BETTER else a > b
+    """Whether score value a is strictly better than b (kl: lower; acc/agree: higher; NaN is worse than anything)."""
+    return sort_key(score, a) < sort_key(score, b)
 
 
 def sort_key(score: str, value: float) -> float:
-    """A key that sorts best-first for the named score."""
+    """A key that sorts best-first for the named score (NaN, from a schedule whose forward is not finite, last)."""
+    if math.isnan(value):
+        return math.inf
     return value if score in LOWER_IS_BETTER else -value
 
 
@@ -286,7 +289,8 @@ def build_table(records: Sequence[dict[str, Any]], model: dict[str, Any], cfg: A
                 settings: PatchSettings | None = None) -> LookupTable:
     """The LookupTable of full-split records: the best per MACs bin (cfg.bin_width) by cfg.select_by, carrying the
     patch settings they were scored with."""
-    best = best_per_bin(sorted(records, key=lambda r: r["id"]), model["macs"], cfg.bin_width, cfg.select_by)
+    finite = [r for r in records if not math.isnan(r["scores"][cfg.select_by])]  # NaN: a non-finite forward
+    best = best_per_bin(sorted(finite, key=lambda r: r["id"]), model["macs"], cfg.bin_width, cfg.select_by)
     entries = [{"id": r["id"], "kind": r.get("kind"), "macs": r["macs"], "fraction": r["macs"] / model["macs"],
                 "scores": r["scores"], "schedule": r["schedule"]} for r in best]
     return LookupTable(entries, model, dict(data or {}), {**dataclasses.asdict(cfg), **(extra or {})}, cfg.select_by,

@@ -337,3 +337,20 @@ def test_evaluations_to_match():
     assert [(g["budget"], g["evaluations_to_match"], g["best_acc"]) for g in got] == [(0.5, 300, 0.86), (0.7, None, 0.89)]
     with pytest.raises(SearchError, match="need budget_curve rows"):
         search.evaluations_to_match(rows[:2])
+
+
+def test_nan_scores_rank_last_and_never_enter_a_table():
+    """A schedule whose forward is not finite (NaN KL, e.g. DiffRate's similarity-scaled sizes going negative) is
+    worse than any finite one in every ranking, and build_table leaves it out."""
+    from tcl.table import better, build_table, model_info, sort_key
+
+    nan = float("nan")
+    assert better("kl", 5.0, nan) and not better("kl", nan, 5.0) and better("acc", 0.1, nan)
+    assert sorted([nan, 0.2, 0.1], key=lambda v: sort_key("kl", v))[:2] == [0.1, 0.2]
+    model = models.reference()
+    info = model_info(model)
+    s = Schedule.full(model).to_dict()
+    recs = [{"id": 0, "macs": info["macs"], "scores": {"kl": nan, "acc": 0.1, "agree": 0.1}, "schedule": s},
+            {"id": 1, "macs": info["macs"], "scores": {"kl": 0.5, "acc": 0.9, "agree": 0.9}, "schedule": s}]
+    table = build_table(recs, info, SearchConfig())
+    assert [e["id"] for e in table.entries] == [1]

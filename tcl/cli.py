@@ -20,10 +20,11 @@ import torch
 from . import data as tdata
 from . import evaluate, models
 from .models import CheckpointError
-from .schedule import Schedule, ScheduleError, at_macs, macs
-from .scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
+from .compress import tokens
+from .compress.schedule import Schedule, ScheduleError, at_macs, macs
+from .search.scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
 from .search import SearchConfig, init_distributed, search
-from .table import BudgetError, LookupTable, TableError
+from .compress.table import BudgetError, LookupTable, TableError
 from .utils import default_device, write_json
 
 T = TypeVar("T")
@@ -140,11 +141,11 @@ def load_model(opts: dict[str, Any], device: torch.device) -> torch.nn.Module:
     pretrained = True if opts.get("pretrained") else False if opts.get("random_init") else None
     if pretrained is False:
         torch.manual_seed(opts.get("seed", 0))
-    if name == "reference":
+    if name in models.NAMED:
         if pretrained is not None:
-            raise UsageError("--pretrained / --random-init apply to timm models; the reference model loads its "
-                             "shipped weights (or --checkpoint)")
-        model = models.reference(opts.get("checkpoint"))
+            raise UsageError(f"--pretrained / --random-init apply to timm models; {name!r} loads its shipped weights "
+                             "(or --checkpoint)")
+        model = models.create(name, opts.get("checkpoint"))
     else:
         try:
             model = models.create(name, opts.get("checkpoint"), pretrained, **opts.get("model_kwargs", {}))
@@ -171,7 +172,7 @@ def run_search(argv: Sequence[str] | None = None, prog: str = "tcl search") -> L
     fields = {f.name for f in dataclasses.fields(SearchConfig)}
     opts = _options(search_parser(prog).parse_args(argv), fields | MODEL_KEYS | DATA_KEYS | RUN_KEYS | SEARCH_KEYS, prog)
     if opts.get("patch", {}).get("merge") in ("bipartite", "tome"):
-        opts.setdefault("max_merge", 0.5)  # bipartite matching merges at most half of the tokens per block
+        opts.setdefault("max_merge", tokens.MAX_BIPARTITE_SHARE)
     device = _device(opts)
     rank, world = init_distributed(device)
     torch.set_num_threads(opts.get("threads") or max(1, (os.cpu_count() or 1) // world))

@@ -15,8 +15,8 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import tcl
 from tcl.evaluate import counted_macs
-from tcl.patch import extra_macs
-from tcl.schedule import Schedule, ScheduleError, vit_dims
+from tcl.compress.patch import extra_macs, is_patched
+from tcl.compress.schedule import Schedule, ScheduleError, vit_dims
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cls": {},
@@ -131,8 +131,8 @@ def test_compressed_forward_follows_the_schedule(variant: str, data: st.DataObje
     except ScheduleError:
         assume(False)
     assert counts(model, x) == list(s.merge)  # kept counts match the schedule at every block
-    info = model._tcl_info
-    source, size = info["source"], info["size"]
+    state = tcl.patch_state(model)
+    source, size = state.source, state.size
     assert source.shape == (len(x), s.merge[-1], d.tokens)
     # protected tokens stay at 0..prefix-1, each holding only itself
     assert torch.equal(source[:, :d.prefix], torch.eye(d.tokens)[:d.prefix].expand(len(x), -1, -1))
@@ -182,7 +182,7 @@ def test_average_pooling_is_size_weighted() -> None:
     tcl.patch(model, Schedule.tome(model, 3), merge="bipartite", override=True)  # (ToMe keeps timm's pooling)
     with torch.no_grad():
         feats = model.forward_features(x)
-        size = model._tcl_info["size"]
+        size = tcl.patch_state(model).size
         assert torch.allclose(model.pool(feats), (feats * size).sum(1) / size.sum(1), atol=1e-6)
         assert not torch.allclose(model.pool(feats), feats.mean(1), atol=1e-4)
 
@@ -199,7 +199,7 @@ def test_unpatch_restores_the_model_and_repatching_replaces() -> None:
         assert counts(model, x) == [n - 4] * 3
         assert tcl.unpatch(model) is model and tcl.unpatch(model) is model
     assert (type(model), type(model.blocks[0]), type(model.blocks[0].attn)) == classes
-    assert model.pretrained_cfg == cfg and not hasattr(model, "_tcl_info") and not hasattr(model.blocks[0], "_tcl_info")
+    assert model.pretrained_cfg == cfg and not is_patched(model) and not hasattr(model.blocks[0], "_tcl_info")
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 
@@ -226,14 +226,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
         tcl.patch(model, Schedule([n, 1, 1], [1, 1, 1]))
     with pytest.raises(ValueError, match="merge="):
         tcl.patch(model, Schedule.full(model), merge="average")  # type: ignore[arg-type]
-    assert not hasattr(model, "_tcl_info")  # nothing half-patched
+    assert not is_patched(model)  # nothing half-patched
     tcl.patch(model, Schedule.tome(model, 2), trace_source=True)
     with pytest.raises(ScheduleError):
         tcl.patch(model, Schedule([n, n - 9, n - 9], [n - 9, n - 9, n - 9]), merge="bipartite")
-    assert model._tcl_info["schedule"] == Schedule.tome(model, 2)  # a refused re-patch keeps the old one
+    assert tcl.patch_state(model).schedule == Schedule.tome(model, 2)  # a refused re-patch keeps the old one
     with torch.no_grad():
         model(images(3)), model(images(1))
-    assert model._tcl_info["source"].shape[0] == 1  # state is per forward
+    assert tcl.patch_state(model).source.shape[0] == 1  # state is per forward
     post = tiny("cls", block_fn=ResPostBlock)
     with pytest.raises(TypeError, match="standard Block"):
         tcl.patch(post, Schedule.full(post))

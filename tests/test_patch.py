@@ -255,3 +255,24 @@ def test_head_keys_similarity_is_the_mean_of_per_head_key_cosines() -> None:
     unit = F.normalize(metric, dim=-1)
     assert metric.shape == (2, 17, attn.num_heads * attn.head_dim)
     assert torch.allclose(unit @ unit.transpose(1, 2), per_head, atol=1e-5)
+
+
+def test_forward_from_a_block_input_equals_the_patched_forward_and_state_is_public() -> None:
+    model, x = tiny("cls", depth=4), images()
+    d = vit_dims(model)
+    s = Schedule([d.tokens] * 2 + [d.tokens - 4, d.tokens - 6], [d.tokens] * 2 + [d.tokens - 6, d.tokens - 8])
+    tcl.patch(model, s, trace_source=True)
+    got: list[torch.Tensor] = []
+    hook = model.blocks[2].register_forward_pre_hook(lambda _m, a: got.append(a[0].clone()))
+    with torch.no_grad():
+        want = model(x)
+        hook.remove()
+        state = tcl.patch_state(model)
+        assert state.schedule == s and state.settings.merge == "attention" and state.size is not None
+        assert (tcl.forward_from(model, got[0], 2) - want).abs().max() <= 1e-5
+        assert torch.equal(tcl.patch_state(model).source, state.source)  # the same op on the same tokens
+    with pytest.raises(AttributeError):
+        state.size = None  # type: ignore[misc]  # a frozen snapshot
+    tcl.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        tcl.patch_state(model)

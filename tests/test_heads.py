@@ -263,6 +263,9 @@ def test_recover_distils_the_remaining_weights_and_keeps_the_structure() -> None
     full = heads.decompose_class(model, data, 1, 4, "taylor", cfg=heads.ResetConfig(steps=4, batch_size=8),
                                  progress=False, recover_data=data, recover_cfg=heads.RecoverConfig(steps=3))
     assert full.info["recover"]["steps"] == 3 and full.threshold is not None
+    cal = heads.recover_calibrated(mod, model, data, data, heads.RecoverConfig(steps=3), progress=False)
+    assert cal.threshold == heads.best_threshold(heads.scores(cal, data)[0], data[1] == 1)
+    assert cal.info["seconds"] == mod.info["seconds"] + cal.info["recover"]["seconds"]
     with pytest.raises(heads.HeadsError, match="target .* and of the rest"):
         heads.recover(mod, model, (data[0][:8], torch.ones(8, dtype=torch.long)), progress=False)
     with pytest.raises(heads.HeadsError, match="RecoverConfig needs"):

@@ -38,10 +38,10 @@ $(FLOOR_STAMP): pyproject.toml
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (installed here when running as root).
 data: setup
-	@$(PY) -W ignore -m tcl.data --check 2>/dev/null || { \
+	@$(PY) -W ignore -m tcl.reference.data --check 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
-	  fi; $(PY) -W ignore -m tcl.data --check; }
+	  fi; $(PY) -W ignore -m tcl.reference.data --check; }
 
 # pytest over tests/ plus nbval over every notebook (default = embedded CPU parameters), on the newest timm pip
 # resolves; then the unit tests once more on the declared timm floor (test-floor).

@@ -20,11 +20,11 @@ import torch
 from . import data as tdata
 from . import evaluate, models
 from .models import CheckpointError
-from .schedule import Schedule, ScheduleError, at_macs, macs
-from .scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
+from .compress.schedule import Schedule, ScheduleError, at_macs, macs
+from .search.scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
 from .search import SearchConfig, init_distributed, search
-from .settings import PatchSettings
-from .table import BudgetError, LookupTable, TableError
+from .compress.settings import PatchSettings
+from .compress.table import BudgetError, LookupTable, TableError
 from .utils import default_device, write_json
 
 T = TypeVar("T")
@@ -141,11 +141,11 @@ def load_model(opts: dict[str, Any], device: torch.device) -> torch.nn.Module:
     pretrained = True if opts.get("pretrained") else False if opts.get("random_init") else None
     if pretrained is False:
         torch.manual_seed(opts.get("seed", 0))
-    if name == "reference":
+    if name in models.NAMED:
         if pretrained is not None:
-            raise UsageError("--pretrained / --random-init apply to timm models; the reference model loads its "
-                             "shipped weights (or --checkpoint)")
-        model = models.reference(opts.get("checkpoint"))
+            raise UsageError(f"--pretrained / --random-init apply to timm models; {name!r} loads its shipped weights "
+                             "(or --checkpoint)")
+        model = models.create(name, opts.get("checkpoint"))
     else:
         try:
             model = models.create(name, opts.get("checkpoint"), pretrained, **opts.get("model_kwargs", {}))

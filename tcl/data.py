@@ -1,4 +1,4 @@
-"""The one data layer: Fashion-MNIST (embedded real data), sklearn digits (tiny tests), or an ImageNet-layout folder.
+"""The one data layer: built-in datasets by name (sklearn digits; Fashion-MNIST from tcl.reference), or an ImageNet-layout folder.
 
 `split(data, "search" | "val" | "train", model)` gives any of them by name or path: the search / importance split is a
 seeded, class-stratified held-out subset of train; reported numbers use val. Folder images are read lazily with the
@@ -6,31 +6,19 @@ model's own eval transform (timm resolve_data_config + create_transform) and str
 """
 from __future__ import annotations
 
-import gzip
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data import default_collate
 
-DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
-HELDOUT_SIZE, HELDOUT_SEED = 5000, 0
-
-Split = Literal["train", "heldout", "search", "test"]
+HELDOUT_SEED = 0  # default seed of held-out splits
 Which = Literal["search", "train", "val"]
 OnBadImage = Literal["fail", "skip"]
-BUILTIN = ("fashion_mnist", "digits")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FOLDER_HELDOUT_SIZE = 5000
 
@@ -40,95 +28,7 @@ class DataError(ValueError):
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
-    """Raised when a dataset (Fashion-MNIST files, an image folder) cannot be found."""
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one (optionally gzipped) IDX file into a numpy array."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file; re-install the dataset files")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated ({arr.size} of {int(np.prod(shape))} bytes); re-install the dataset files")
-    return arr.reshape(shape)
-
-
-def _candidate_roots(root: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(root)] if root is not None else []
-    if env := os.environ.get("TCL_DATA"):
-        roots.append(Path(env))
-    roots.append(DEBIAN_ROOT)
-    return roots
-
-
-def _find_root(root: str | os.PathLike | None, download: bool) -> Path:
-    needed = [f for pair in FMNIST_FILES.values() for f in pair]
-    for r in _candidate_roots(root):
-        for d in (r, r / "FashionMNIST" / "raw"):
-            if all((d / f).exists() for f in needed):
-                return d
-    if download:
-        target = Path(root) if root is not None else Path.home() / ".cache" / "tcl"
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            FashionMNIST(str(target), train=True, download=True)
-            FashionMNIST(str(target), train=False, download=True)
-            return target / "FashionMNIST" / "raw"
-        except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
-            raise DataNotFoundError(_advice(root) + f" (download failed: {e})") from e
-    raise DataNotFoundError(_advice(root))
-
-
-def _advice(root: str | os.PathLike | None) -> str:
-    tried = ", ".join(str(r) for r in _candidate_roots(root))
-    return ("Fashion-MNIST IDX files not found (looked in " + tried + "). Install them with "
-            "`sudo apt-get install dataset-fashion-mnist`, pass root= a folder holding the four "
-            "*-ubyte.gz files, set TCL_DATA, or call with download=True on a machine with internet.")
-
-
-def load_arrays(train: bool, root: str | os.PathLike | None = None,
-                download: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 [N,28,28], labels int64 [N]) of the Fashion-MNIST train or test set."""
-    d = _find_root(root, download)
-    img, lab = FMNIST_FILES["train" if train else "test"]
-    x, y = read_idx(d / img), read_idx(d / lab).astype(np.int64)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"{d}: {x.shape[0]} images but {y.shape[0]} labels; re-install the dataset files")
-    return x, y
-
-
-def heldout_indices(n_train: int = 60000, size: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> np.ndarray:
-    """Indices of the fixed, seeded held-out split of the training set (sorted)."""
-    perm = np.random.default_rng(seed).permutation(n_train)
-    return np.sort(perm[:size])
-
-
-def _to_tensor(x: np.ndarray, normalize: bool) -> torch.Tensor:
-    t = torch.from_numpy(x.copy()).float().div_(255).unsqueeze(1)
-    return (t - FMNIST_MEAN[0]) / FMNIST_STD[0] if normalize else t
-
-
-def fashion_mnist(split: Split = "test", root: str | os.PathLike | None = None, download: bool = False,
-                  normalize: bool = True, limit: int | None = None) -> TensorDataset:
-    """Fashion-MNIST as tensors: 'train' (55k, minus held-out), 'heldout'/'search' (5k of train), 'test' (10k)."""
-    if split not in ("train", "heldout", "search", "test"):
-        raise ValueError(f"split must be 'train', 'heldout' (alias 'search') or 'test', got {split!r}")
-    x, y = load_arrays(split != "test", root, download)
-    if split != "test":
-        held = heldout_indices(len(x))
-        mask = np.zeros(len(x), dtype=bool)
-        mask[held] = True
-        idx = np.nonzero(mask if split in ("heldout", "search") else ~mask)[0]
-        x, y = x[idx], y[idx]
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    return TensorDataset(_to_tensor(x, normalize), torch.from_numpy(y.copy()))
+    """Raised when a dataset (a built-in dataset's files, an image folder) cannot be found."""
 
 
 def digits(split: Literal["train", "test"] = "train", size: int = 16) -> TensorDataset:
@@ -252,16 +152,34 @@ def stratified_heldout(labels: Sequence[int], size: int, seed: int = HELDOUT_SEE
     return np.sort(np.concatenate(picked))
 
 
+def _digits_split(which: Which, heldout_size: int | None) -> tuple[Dataset, dict[str, Any]]:
+    """(dataset, info) of split("digits", which): search and train are its train part (search: first heldout_size)."""
+    ds = digits("test" if which == "val" else "train")
+    if which == "search" and heldout_size is not None:
+        ds = TensorDataset(*(t[:heldout_size] for t in ds.tensors))
+    ds.classes = [str(k) for k in range(10)]  # type: ignore[attr-defined]
+    return ds, {"name": "digits", "split": "test" if which == "val" else "train"}
+
+
+Builtin = Callable[[Which, "int | None"], "tuple[Dataset, dict[str, Any]]"]
+BUILTINS: dict[str, Builtin] = {"digits": _digits_split}  # tcl.reference adds "fashion_mnist"
+
+
+def register(name: str, split_fn: Builtin) -> None:
+    """Make split(name, which) a built-in dataset read by split_fn(which, heldout_size)."""
+    BUILTINS[name] = split_fn
+
+
 def is_folder(data: str | os.PathLike) -> bool:
     """Whether data names an image folder (anything but the built-in dataset names)."""
-    return str(data) not in BUILTIN
+    return str(data) not in BUILTINS
 
 
 def split(data: str | os.PathLike, which: Which, model: torch.nn.Module | None = None, *,
           heldout_size: int | None = None, heldout_seed: int = HELDOUT_SEED, on_bad_image: OnBadImage = "fail",
           crop_pct: float | None = None, interpolation: str | None = None, mean: Sequence[float] | None = None,
           std: Sequence[float] | None = None) -> tuple[Dataset, dict[str, Any]]:
-    """(dataset, info recorded in tables) of 'fashion_mnist', 'digits' or an ImageNet-layout folder path.
+    """(dataset, info recorded in tables) of a built-in dataset name ('fashion_mnist', 'digits') or an ImageNet-layout folder path.
 
     which='search': the held-out split of train (folders: `heldout_size` images, default 5,000, class-stratified and
     seeded; built-ins: their fixed held-out split, first `heldout_size` images); 'train': the rest of train; 'val':
@@ -269,16 +187,8 @@ def split(data: str | os.PathLike, which: Which, model: torch.nn.Module | None =
     """
     if which not in ("search", "train", "val"):
         raise DataError(f"which must be 'search', 'train' or 'val', got {which!r}")
-    if str(data) == "fashion_mnist":
-        ds = fashion_mnist({"search": "heldout", "train": "train", "val": "test"}[which],  # type: ignore[arg-type]
-                           limit=heldout_size if which == "search" else None)
-        info = {"name": "fashion_mnist", "split": {"search": "heldout", "train": "train", "val": "test"}[which]}
-        return ds, {**info, "heldout_size": HELDOUT_SIZE, "heldout_seed": HELDOUT_SEED} if which != "val" else info
-    if str(data) == "digits":
-        ds = digits("test" if which == "val" else "train")
-        if which == "search" and heldout_size is not None:
-            ds = TensorDataset(*(t[:heldout_size] for t in ds.tensors))
-        return ds, {"name": "digits", "split": "test" if which == "val" else "train"}
+    if str(data) in BUILTINS:
+        return BUILTINS[str(data)](which, heldout_size)
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"{root} is not a folder; pass --data fashion_mnist, digits, or the path of an image "
@@ -305,13 +215,9 @@ def split(data: str | os.PathLike, which: Which, model: torch.nn.Module | None =
     return FolderImages([train[i] for i in idx], classes, transform, on_bad_image), info
 
 
-def class_names(data: str | os.PathLike, ds: Dataset) -> list[str]:
-    """The class names of a dataset from `split` (folder names, Fashion-MNIST's names, or the digits)."""
-    if hasattr(ds, "classes"):
-        return list(ds.classes)  # type: ignore[attr-defined]
-    if str(data) == "fashion_mnist":
-        return list(FMNIST_CLASSES)
-    return [str(k) for k in range(10)] if str(data) == "digits" else []
+def class_names(ds: Dataset) -> list[str]:
+    """The class names of a dataset from `split` (its `classes`: folder names, a built-in's names), else []."""
+    return [str(c) for c in getattr(ds, "classes", [])]
 
 
 def model_input(model: torch.nn.Module) -> tuple[int, int, int] | None:
@@ -350,15 +256,3 @@ def loader(ds: Dataset, batch_size: int = 256, shuffle: bool = False, limit: int
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers,
                       pin_memory=pin_memory, collate_fn=_collate, persistent_workers=workers > 0)
 
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Check that Fashion-MNIST is available.")
-    ap.add_argument("--check", action="store_true", help="exit non-zero (with advice) when the data is missing")
-    ap.add_argument("--root", default=None)
-    args = ap.parse_args()
-    try:
-        print(f"Fashion-MNIST found in {_find_root(args.root, download=False)}")
-    except DataNotFoundError as err:
-        raise SystemExit(str(err))

@@ -123,8 +123,7 @@ def compare(model: torch.nn.Module, methods: dict[str, tuple[Any, dict[str, Any]
             progress: bool = True, amp: str | None = None, workers: int = 0) -> list[dict[str, Any]]:
     """Accuracy, agreement, MACs and throughput of named (schedule, patch kwargs) methods, side by side in one run.
 
-    Each method gets its own copy of the model, patched once (toggling patch/unpatch between timed runs was
-    measured to slow patched models by 13-20 %). Throughput is timed round-robin (every method once per round,
+    Each method gets its own copy of the model, patched once. Throughput is timed round-robin (every method once per round,
     `runs` rounds, median per method) so machine noise hits all methods alike; speedup and MACs ratio are relative
     to the uncompressed model. A method with schedule None is the uncompressed model.
     """
@@ -132,8 +131,8 @@ def compare(model: torch.nn.Module, methods: dict[str, tuple[Any, dict[str, Any]
 
     from tqdm.auto import tqdm
 
-    from .patch import patch, unpatch
-    from .schedule import macs
+    from .compress.patch import patch, unpatch
+    from .compress.schedule import macs
 
     full = macs(unpatch(model))
     base_logits, labels = predict(model, data, batch_size, limit, False, amp, workers)

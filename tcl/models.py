@@ -1,53 +1,38 @@
-"""The shipped Fashion-MNIST reference ViT, and timm ViTs by name with weights from a local file."""
+"""timm ViTs by name with weights from a local file (or registered named models, e.g. tcl.reference), and weight files."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .data import FMNIST_MEAN, FMNIST_STD
+from .utils import atomic_path
+from .vit import require_vit
 
-WEIGHTS = Path(__file__).parent / "weights" / "reference_fmnist.safetensors"
-REFERENCE_CONFIG: dict[str, Any] = dict(
-    img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=8, num_heads=4,
-    mlp_ratio=2.0, qkv_bias=True, class_token=True, global_pool="token",
-)
+Loader = Callable[["str | os.PathLike | None"], VisionTransformer]
+NAMED: dict[str, Loader] = {}  # models built by name with their weights file; tcl.reference adds "reference"
 
 
 class CheckpointError(RuntimeError):
     """Raised for a missing, corrupt or mismatched checkpoint."""
 
 
-def reference_config(**overrides: Any) -> dict[str, Any]:
-    """The reference model's VisionTransformer kwargs (overrides applied)."""
-    return {**REFERENCE_CONFIG, **overrides}
-
-
-def build_reference(**overrides: Any) -> VisionTransformer:
-    """A randomly initialised reference-architecture ViT carrying Fashion-MNIST mean/std in pretrained_cfg."""
-    cfg = reference_config(**overrides)
-    model = VisionTransformer(**cfg)
-    model.pretrained_cfg = dict(
-        input_size=(cfg["in_chans"], cfg["img_size"], cfg["img_size"]), mean=FMNIST_MEAN, std=FMNIST_STD,
-        num_classes=cfg["num_classes"], interpolation="bilinear", crop_pct=1.0, architecture="tcl_reference",
-    )
-    return model
+def register(names: Sequence[str], load: Loader) -> None:
+    """Make create(name) / create(name, checkpoint=W) return load(W) for each of names."""
+    for name in names:
+        NAMED[name] = load
 
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> None:
     """Write model weights (+ JSON metadata) as safetensors, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, Any]:
@@ -79,12 +64,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict[str, A
 
 
 def reference(weights: str | os.PathLike | None = None) -> VisionTransformer:
-    """The shipped trained Fashion-MNIST ViT in eval mode ($TCL_REFERENCE_WEIGHTS or weights= override the file)."""
-    path = Path(weights or os.environ.get("TCL_REFERENCE_WEIGHTS") or WEIGHTS)
-    model = build_reference()
-    meta = load_weights(model, path)
-    model.pretrained_cfg = {**model.pretrained_cfg, "tcl_metadata": meta}
-    return model.eval()
+    """The shipped trained reference ViT (tcl.reference) in eval mode; weights= overrides its file."""
+    return create("reference", checkpoint=weights)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -119,8 +100,8 @@ def create(name: str, checkpoint: str | os.PathLike | None = None, pretrained: b
     random (pretrained=False, explicitly); kwargs (num_classes, img_size, ...) go to timm.create_model."""
     import timm
 
-    if name in ("reference", "tcl_reference"):
-        return reference(checkpoint)
+    if name in NAMED:
+        return NAMED[name](checkpoint)
     if checkpoint is not None and pretrained is not None:
         raise CheckpointError("pass either checkpoint= (a local weights file) or pretrained=, not both")
     path = Path(checkpoint).expanduser() if checkpoint is not None else None
@@ -131,9 +112,7 @@ def create(name: str, checkpoint: str | os.PathLike | None = None, pretrained: b
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as e:
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models('*vit*') / '*deit*'") from e
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer; tcl supports "
-                        "ViT/DeiT/EVA-style models built on timm.models.vision_transformer.VisionTransformer")
+    require_vit(model, f"tcl.models.create({name!r})")
     if path is None and pretrained is None:
         raise CheckpointError(f"no weights given for {name!r}: pass checkpoint= a local weights file ("
                               f"{', '.join(WEIGHT_SUFFIXES)}; CLI --checkpoint W), pretrained=True to download timm's "

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .utils import atomic_path  # noqa: E402
+
 
 def figure_dir(default: str | os.PathLike = "../figures") -> Path:
     """Where figures go: $TCL_FIGURES when set (tests), else default; created if missing."""
@@ -21,11 +23,9 @@ def figure_dir(default: str | os.PathLike = "../figures") -> Path:
 def save(fig: plt.Figure, name: str, fig_dir: str | os.PathLike | None = None) -> Path:
     """Save fig as fig_dir/name.png (atomically) and return the path."""
     d = figure_dir() if fig_dir is None else Path(fig_dir)
-    d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.png"
-    tmp = d / f".{name}.tmp.png"
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
     return path
 
 

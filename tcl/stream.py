@@ -1,18 +1,19 @@
 """Data plumbing of the per-class steps: labels without images, subsets, batches streamed (in order or at sampled
-indices) and moved to a device, autocast by name.
+indices) and moved to a device.
 
 Data is a map-style Dataset (TensorDataset, ImageFolder, Subset, ...), a DataLoader (its dataset, read with its
 workers, pinned memory and collate) or an (images, labels) tensor pair; nothing stacks a whole Dataset into one tensor.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, ContextManager, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from .utils import device_of
 
 Data = Dataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 Amp = Literal["bf16", "fp16"] | None
@@ -102,27 +103,8 @@ def sampled(data: Data, index_batches: Sequence[torch.Tensor],
         yield x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
 
 
-def device_of(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (CPU for a model without any)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def moved(model: nn.Module, device: torch.device | str | None) -> nn.Module:
     """model itself when it is on device (or device is None), else a copy of it there."""
     if device is None or device_of(model) == torch.device(device):
         return model
     return copy.deepcopy(model).to(device)
-
-
-def autocast(device: torch.device | str, amp: Amp, grads: bool = False) -> ContextManager[Any]:
-    """torch.autocast for amp ('bf16' / 'fp16') on device's type, a no-op for None; fp16 refuses gradient passes."""
-    if amp is None:
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in dtypes:
-        raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
-    if grads and amp == "fp16":
-        raise ValueError("amp='fp16' gradients would need loss scaling; use amp='bf16' (or None) for gate training, "
-                         "importance and recovery (fp16 is fine for scores and latency)")
-    return torch.autocast(torch.device(device).type, dtype=dtypes[amp])

@@ -1,20 +1,40 @@
-"""Small shared helpers: atomic file writes, metrics records, run-output folders."""
+"""Small shared helpers: atomic file writes, run-output folders, devices and precision, gradient flags."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path next to `path` to write to; renamed onto path when the block ends without error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write text to path via a temp file + rename, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    """Write text to path atomically, so readers never see a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save obj to path atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def run_dir(path: str | os.PathLike) -> Path:
@@ -61,16 +81,18 @@ def device_of(module: "torch.nn.Module") -> "torch.device":
     return torch.device("cpu")
 
 
-def autocast(device: "torch.device | str", amp: str | None) -> Any:
-    """torch.autocast for amp 'bf16' / 'fp16' on device, or a no-op context for None / 'off' / 'float32'."""
-    import contextlib
-
+def autocast(device: "torch.device | str", amp: str | None, grads: bool = False) -> Any:
+    """torch.autocast for amp 'bf16' / 'fp16' on device, or a no-op context for None / 'off' / 'float32'; fp16
+    refuses gradient passes (grads=True)."""
     import torch
 
     if amp in (None, "off", "none", "float32", "fp32"):
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
         raise ValueError(f"amp must be 'bf16', 'fp16' or None (off), got {amp!r}")
+    if grads and AMP_DTYPES[amp] == "float16":
+        raise ValueError("amp='fp16' gradients would need loss scaling; use amp='bf16' (or None) for gate training, "
+                         "importance and recovery (fp16 is fine for scores and latency)")
     return torch.autocast(torch.device(device).type, dtype=getattr(torch, AMP_DTYPES[amp]))
 
 
@@ -93,3 +115,19 @@ def native_bf16(device: "torch.device | str") -> bool:
         checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         return any(bool(c()) for c in checks if c is not None)
     return False
+
+
+@contextlib.contextmanager
+def requires_grad(module: "torch.nn.Module", value: bool, also: "Iterable[torch.nn.Parameter]" = ()) -> Iterator[None]:
+    """Within the block, module's parameters require grad `value` (those in `also`: True); restored on exit."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(value)
+        for p in also:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)

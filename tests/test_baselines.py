@@ -16,8 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 import reference_methods as ref
 import tcl
 from tcl import tokens
-from tcl.schedule import Schedule, ScheduleError, vit_dims
-from tcl.settings import PatchSettings, SettingsError
+from tcl.compress.schedule import Schedule, ScheduleError, vit_dims
+from tcl.compress.settings import PatchSettings, SettingsError
 
 SETTINGS = settings(max_examples=40, deadline=None)
 ATOL = 1e-5
@@ -163,7 +163,7 @@ def test_evit_schedule_patched_with_no_options_is_evit(shape: dict, keep: float,
         got = tcl.patch(model, s)(x)
     assert max_diff(got, want) <= ATOL
     if fuse and keep < 1:  # sizes are tracked (the fused token holds the pruned patches), unused with prop_attn=False
-        assert model._tcl_info["size"][:, -1].min() > 1 and not model._tcl_info["config"].prop_attn
+        assert tcl.patch_state(model).size[:, -1].min() > 1 and not tcl.patch_state(model).settings.prop_attn
 
 
 @pytest.mark.parametrize("shape", [dict(kind="cls"), dict(kind="cls", depth=5, dim=64, heads=4, patch=4)],
@@ -220,7 +220,7 @@ def test_schedules_carry_their_settings_and_contradicting_kwargs_raise() -> None
         with pytest.raises(SettingsError, match="carries similarity='keys'"):
             tcl.patch(model, s, similarity="features")
         other = tcl.patch(model, s, merge="bipartite", override=True)(x)
-        assert model._tcl_info["settings"].merge == "bipartite" and not torch.allclose(other, plain)
+        assert tcl.patch_state(model).settings.merge == "bipartite" and not torch.allclose(other, plain)
         e = Schedule.evit(model, 0.5, fuse=True)
         assert e.settings == PatchSettings(fuse="evit", prop_attn=False)
         tcl.patch(model, e, fuse=True)  # fuse=True is EViT's fused token
@@ -228,7 +228,7 @@ def test_schedules_carry_their_settings_and_contradicting_kwargs_raise() -> None
             tcl.patch(model, e, fuse="mean")
         # a plain schedule carries nothing: keyword arguments and defaults apply
         tcl.patch(model, Schedule(s.prune, s.merge), merge="bipartite")
-        assert model._tcl_info["settings"] == PatchSettings(merge="bipartite")
+        assert tcl.patch_state(model).settings == PatchSettings(merge="bipartite")
     assert Schedule.from_dict(s.to_dict()).settings == s.settings
     assert "settings" not in Schedule(s.prune, s.merge).to_dict()
     with pytest.raises(ScheduleError, match="settings are malformed"):
@@ -237,7 +237,7 @@ def test_schedules_carry_their_settings_and_contradicting_kwargs_raise() -> None
 
 def _table(model: VisionTransformer, version: int, patch: dict[str, Any]) -> dict[str, Any]:
     """A small table dict (the search's JSON layout) of three schedules of the model."""
-    from tcl.table import model_info
+    from tcl.compress.table import model_info
 
     n, depth = vit_dims(model).tokens, len(model.blocks)
     scheds = [Schedule([n] + [n - k] * (depth - 1), [n - k] * depth) for k in (2, 4, 6)]
@@ -253,7 +253,7 @@ def _table(model: VisionTransformer, version: int, patch: dict[str, Any]) -> dic
 @pytest.mark.parametrize("patch", [{"merge": "bipartite", "prop_attn": True}, {"merge": "tome"},
                                    {"fuse": True, "similarity": "features"}, {}])
 def test_a_table_applies_the_settings_it_was_searched_with(patch: dict[str, Any]) -> None:
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     model, x = vit(), images()
     table = LookupTable.from_dict(_table(model, 2, patch), model)
@@ -271,7 +271,7 @@ def test_a_table_applies_the_settings_it_was_searched_with(patch: dict[str, Any]
 
 
 def test_version_1_tables_load_and_apply_the_op_they_were_searched_with() -> None:
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     model, x = vit(), images()
     for patch, want in [({"merge": "bipartite", "prop_attn": True}, PatchSettings(merge="bipartite")),
@@ -287,7 +287,7 @@ def test_version_1_tables_load_and_apply_the_op_they_were_searched_with() -> Non
 def test_shipped_v1_tables_apply_tcls_bipartite_split() -> None:
     from pathlib import Path
 
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     path = Path(__file__).parent.parent / "results" / "search_table.json"
     table = LookupTable.load(path)
@@ -310,7 +310,7 @@ def test_diffrate_published_schedules_give_the_published_macs(name: str, key: st
                                                               tmp_path) -> None:
     import json
 
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     model = timm.create_model(name, pretrained=False)
     path = tmp_path / "compression_rate.json"
@@ -325,7 +325,7 @@ def test_diffrate_published_schedules_give_the_published_macs(name: str, key: st
 
 
 def test_diffrate_table_applies_diffrates_op_with_ste_min_counts() -> None:
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     model, x = vit(depth=4), images()
     published = {"tiny": {"1.0": {"prune_kept_num": "[17, 15, 14, 12]", "merge_kept_num": "[17, 12, 13, 6]"}}}
@@ -340,7 +340,7 @@ def test_diffrate_table_applies_diffrates_op_with_ste_min_counts() -> None:
 @pytest.mark.parametrize("patch", [{"merge": "tome"}, {"merge": "diffrate"}])
 def test_a_search_records_its_settings_and_its_table_applies_them(patch: dict[str, Any], tmp_path) -> None:
     from tcl import search
-    from tcl.table import LookupTable
+    from tcl.compress.table import LookupTable
 
     model, x = vit(depth=3), images(24)
     scorer = search.ReferenceScorer(model, (x, torch.randint(0, 7, (24,))), **patch)

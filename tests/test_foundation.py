@@ -10,48 +10,48 @@ import pytest
 import torch
 
 import tcl
-from tcl import data, evaluate, models
-from tcl.schedule import Schedule, macs
+from tcl import data, evaluate, models, reference
+from tcl.compress.schedule import Schedule, macs
 
-HAS_WEIGHTS = models.WEIGHTS.exists()
+HAS_WEIGHTS = reference.WEIGHTS.exists()
 
 
 # ---------------------------------------------------------------- data
 def test_fashion_mnist_splits_are_disjoint_and_fixed():
-    held = data.heldout_indices()
-    assert len(held) == data.HELDOUT_SIZE and len(np.unique(held)) == len(held)
-    assert np.array_equal(held, data.heldout_indices())  # seeded
-    tr, ho, te = data.fashion_mnist("train"), data.fashion_mnist("heldout"), data.fashion_mnist("test")
+    held = reference.heldout_indices()
+    assert len(held) == reference.HELDOUT_SIZE and len(np.unique(held)) == len(held)
+    assert np.array_equal(held, reference.heldout_indices())  # seeded
+    tr, ho, te = reference.fashion_mnist("train"), reference.fashion_mnist("heldout"), reference.fashion_mnist("test")
     assert (len(tr), len(ho), len(te)) == (55000, 5000, 10000)
-    x_all, _ = data.load_arrays(train=True)
+    x_all, _ = reference.load_arrays(train=True)
     ref = torch.from_numpy(x_all[held[:3]].copy()).float() / 255
-    assert torch.allclose(ho.tensors[0][:3, 0] * data.FMNIST_STD[0] + data.FMNIST_MEAN[0], ref, atol=1e-6)
+    assert torch.allclose(ho.tensors[0][:3, 0] * reference.FMNIST_STD[0] + reference.FMNIST_MEAN[0], ref, atol=1e-6)
     assert te.tensors[0].shape == (10000, 1, 28, 28) and set(te.tensors[1].unique().tolist()) == set(range(10))
 
 
 def test_missing_data_names_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr(reference.data, "DEBIAN_ROOT", tmp_path / "nowhere")
     monkeypatch.delenv("TCL_DATA", raising=False)
     with pytest.raises(data.DataNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        data.fashion_mnist("test", root=tmp_path)
+        reference.fashion_mnist("test", root=tmp_path)
 
 
 def test_given_root_and_truncated_idx(tmp_path):
-    for f in (f for pair in data.FMNIST_FILES.values() for f in pair):
-        shutil.copy(data.DEBIAN_ROOT / f, tmp_path / f)
-    assert len(data.fashion_mnist("test", root=tmp_path)) == 10000
+    for f in (f for pair in reference.FMNIST_FILES.values() for f in pair):
+        shutil.copy(reference.DEBIAN_ROOT / f, tmp_path / f)
+    assert len(reference.fashion_mnist("test", root=tmp_path)) == 10000
     raw = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
         f.write(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="truncated"):
-        data.fashion_mnist("test", root=tmp_path)
+        reference.fashion_mnist("test", root=tmp_path)
 
 
 def test_digits_and_bad_split():
     tr, te = data.digits("train"), data.digits("test")
     assert len(tr) + len(te) == 1797 and tr.tensors[0].shape[1:] == (1, 16, 16)
     with pytest.raises(ValueError, match="split must be"):
-        data.fashion_mnist("val")  # type: ignore[arg-type]
+        reference.fashion_mnist("val")  # type: ignore[arg-type]
 
 
 def test_image_folder_uses_timm_eval_transforms(tmp_path):
@@ -71,17 +71,17 @@ def test_image_folder_uses_timm_eval_transforms(tmp_path):
 
 # ---------------------------------------------------------------- models and checkpoints
 def test_reference_architecture():
-    m = models.build_reference()
+    m = reference.build_reference()
     assert m.patch_embed.num_patches == 49 and m.num_prefix_tokens == 1 and len(m.blocks) >= 8
     assert m.blocks[0].attn.num_heads == 4 and m.embed_dim >= 128
-    assert m.pretrained_cfg["input_size"] == (1, 28, 28) and m.pretrained_cfg["mean"] == data.FMNIST_MEAN
+    assert m.pretrained_cfg["input_size"] == (1, 28, 28) and m.pretrained_cfg["mean"] == reference.FMNIST_MEAN
 
 
 def test_checkpoint_roundtrip_corrupt_and_mismatched(tmp_path):
-    m = models.build_reference()
+    m = reference.build_reference()
     path = tmp_path / "w.safetensors"
     models.save_weights(m, path, {"note": "x"})
-    m2 = models.build_reference()
+    m2 = reference.build_reference()
     assert models.load_weights(m2, path) == {"note": "x"}
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     bad = tmp_path / "bad.safetensors"
@@ -89,7 +89,7 @@ def test_checkpoint_roundtrip_corrupt_and_mismatched(tmp_path):
     with pytest.raises(models.CheckpointError, match="corrupt"):
         models.reference(bad)
     with pytest.raises(models.CheckpointError, match="does not match"):
-        models.load_weights(models.build_reference(embed_dim=64), path)
+        models.load_weights(reference.build_reference(embed_dim=64), path)
     with pytest.raises(models.CheckpointError, match="does not exist"):
         models.create("deit_tiny_patch16_224", checkpoint=tmp_path / "absent.safetensors")
 
@@ -103,10 +103,10 @@ def test_create_rejects_non_vit_and_unknown_names():
 
 @pytest.mark.skipif(not HAS_WEIGHTS, reason="reference weights not trained yet")
 def test_shipped_reference_is_trained_and_small():
-    assert models.WEIGHTS.stat().st_size <= 10 * 2**20
+    assert reference.WEIGHTS.stat().st_size <= 10 * 2**20
     m = models.reference()
     assert not m.training
-    acc = evaluate.accuracy(m, data.fashion_mnist("test"), limit=2000, progress=False)
+    acc = evaluate.accuracy(m, reference.fashion_mnist("test"), limit=2000, progress=False)
     assert acc >= 0.88  # full test set >= 0.90 is checked by notebooks/00_reference_model
 
 
@@ -125,7 +125,7 @@ def test_accuracy_and_agreement_on_a_known_model():
 
 
 def test_throughput_reports_median_and_threads():
-    m = models.build_reference(depth=1)
+    m = reference.build_reference(depth=1)
     r = evaluate.throughput(m, batch_size=8, runs=3, warmup=1)
     assert r["img_per_s"] > 0 and r["runs"] == 3 and r["threads"] == torch.get_num_threads()
 
@@ -138,7 +138,7 @@ def test_published_macs(name, gmacs):
 
 @pytest.mark.parametrize("kw", [{}, {"class_token": False, "global_pool": "avg"}, {"reg_tokens": 2}])
 def test_analytic_macs_equal_flop_counter(kw):
-    m = models.build_reference(**kw)
+    m = reference.build_reference(**kw)
     assert macs(m) == evaluate.counted_macs(m)
 
 
@@ -151,11 +151,11 @@ def test_macs_rejects_non_vit():
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         macs(torch.nn.Linear(2, 2))
     with pytest.raises(tcl.ScheduleError, match="blocks"):
-        macs(models.build_reference(), Schedule([50], [50]))
+        macs(reference.build_reference(), Schedule([50], [50]))
 
 
 def test_compare_matches_patched_accuracy_and_leaves_model_unpatched():
-    m = models.build_reference(depth=2).eval()
+    m = reference.build_reference(depth=2).eval()
     ds = torch.utils.data.TensorDataset(torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,)))
     s = Schedule.tome(m, 4)
     recs = {r["method"]: r for r in evaluate.compare(m, {"base": (None, {}), "tome": (s, {})},
@@ -166,7 +166,7 @@ def test_compare_matches_patched_accuracy_and_leaves_model_unpatched():
     expected = evaluate.accuracy(m, ds, progress=False)
     tcl.unpatch(m)
     assert recs["tome"]["accuracy"] == pytest.approx(expected)
-    assert not hasattr(m, "_tcl_info")
+    assert not tcl.compress.patch.is_patched(m)
 
 
 def test_run_dir_moves_run_outputs_under_tcl_runs(monkeypatch, tmp_path) -> None:

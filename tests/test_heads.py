@@ -9,6 +9,7 @@ from timm.models.vision_transformer import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 from tcl import evaluate, heads, schedule
+from tcl.heads import reset as reset_mod
 
 torch.set_num_threads(1)
 SIZE = (1, 16, 16)
@@ -129,16 +130,16 @@ def test_forgotten_gates_decay_and_schedule_reaches_keep() -> None:
 def test_reset_train_resumes_exactly(tmp_path, monkeypatch) -> None:
     data, cfg = batch(40), heads.ResetConfig(steps=12, batch_size=8, lr=0.5, lam=0.05, criterion="taylor")
     ref = heads.reset_train(tiny(), data, 3, 4, cfg, progress=False)
-    save = heads._save_atomic
+    save = reset_mod.save_atomic
 
     def crash(obj, path):
         save(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(heads, "_save_atomic", crash)
+    monkeypatch.setattr(reset_mod, "save_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         heads.reset_train(tiny(), data, 3, 4, cfg, checkpoint=tmp_path / "s.pt", save_every=5, progress=False)
-    monkeypatch.setattr(heads, "_save_atomic", save)
+    monkeypatch.setattr(reset_mod, "save_atomic", save)
     out = heads.reset_train(tiny(), data, 3, 4, cfg, checkpoint=tmp_path / "s.pt", save_every=5, progress=False)
     assert torch.equal(out["gates"], ref["gates"]) and torch.equal(out["mask"], ref["mask"])
     with pytest.raises(heads.HeadsError, match="different run"):
@@ -262,6 +263,9 @@ def test_recover_distils_the_remaining_weights_and_keeps_the_structure() -> None
     full = heads.decompose_class(model, data, 1, 4, "taylor", cfg=heads.ResetConfig(steps=4, batch_size=8),
                                  progress=False, recover_data=data, recover_cfg=heads.RecoverConfig(steps=3))
     assert full.info["recover"]["steps"] == 3 and full.threshold is not None
+    cal = heads.recover_calibrated(mod, model, data, data, heads.RecoverConfig(steps=3), progress=False)
+    assert cal.threshold == heads.best_threshold(heads.scores(cal, data)[0], data[1] == 1)
+    assert cal.info["seconds"] == mod.info["seconds"] + cal.info["recover"]["seconds"]
     with pytest.raises(heads.HeadsError, match="target .* and of the rest"):
         heads.recover(mod, model, (data[0][:8], torch.ones(8, dtype=torch.long)), progress=False)
     with pytest.raises(heads.HeadsError, match="RecoverConfig needs"):

@@ -11,6 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tcl import heads, stream
+from tcl.utils import device_of
+from tcl.vit import attend
 
 torch.set_num_threads(1)
 CLASSES = ("bird", "cat", "dog")
@@ -60,7 +62,7 @@ def test_decompose_class_on_an_image_folder(tmp_path: Path, device: str) -> None
     mod = heads.decompose_class(model, loader, "cat", 2, "reset", cfg, progress=False, device=device)
     assert mod.target == (1,) and int(mod.mask.sum()) == 2 and mod.threshold is not None
     assert all(p.device.type == device for p in mod.parameters()) and mod.mask.device.type == device
-    assert heads.device_of(model).type == "cpu"  # the caller's model stays where it was
+    assert device_of(model).type == "cpu"  # the caller's model stays where it was
     z, y = heads.scores(mod, folder)
     assert z.shape == (len(folder),) and z.device.type == "cpu" and torch.equal(y, torch.tensor(folder.targets))
     rec = heads.module_report(mod, model, folder, ref_threshold=heads.reference_threshold(model, folder, 1))
@@ -144,4 +146,4 @@ def test_attention_masks_follow_sdpa(fused: bool) -> None:
     bias = torch.randn(2, 1, 5, 5, generator=g)
     for mask, causal in ((None, False), (allowed, False), (bias, False), (None, True)):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        assert (heads.attend(q, k, v, attn, mask, causal) - want).abs().max() <= 1e-5
+        assert (attend(q, k, v, attn, mask, causal) - want).abs().max() <= 1e-5

@@ -15,8 +15,8 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import tcl
 from tcl.evaluate import counted_macs
-from tcl.patch import extra_macs
-from tcl.schedule import Schedule, ScheduleError, vit_dims
+from tcl.compress.patch import extra_macs, is_patched
+from tcl.compress.schedule import Schedule, ScheduleError, vit_dims
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "cls": {},
@@ -131,8 +131,8 @@ def test_compressed_forward_follows_the_schedule(variant: str, data: st.DataObje
     except ScheduleError:
         assume(False)
     assert counts(model, x) == list(s.merge)  # kept counts match the schedule at every block
-    info = model._tcl_info
-    source, size = info["source"], info["size"]
+    state = tcl.patch_state(model)
+    source, size = state.source, state.size
     assert source.shape == (len(x), s.merge[-1], d.tokens)
     # protected tokens stay at 0..prefix-1, each holding only itself
     assert torch.equal(source[:, :d.prefix], torch.eye(d.tokens)[:d.prefix].expand(len(x), -1, -1))
@@ -182,7 +182,7 @@ def test_average_pooling_is_size_weighted() -> None:
     tcl.patch(model, Schedule.tome(model, 3), merge="bipartite", override=True)  # (ToMe keeps timm's pooling)
     with torch.no_grad():
         feats = model.forward_features(x)
-        size = model._tcl_info["size"]
+        size = tcl.patch_state(model).size
         assert torch.allclose(model.pool(feats), (feats * size).sum(1) / size.sum(1), atol=1e-6)
         assert not torch.allclose(model.pool(feats), feats.mean(1), atol=1e-4)
 
@@ -199,7 +199,7 @@ def test_unpatch_restores_the_model_and_repatching_replaces() -> None:
         assert counts(model, x) == [n - 4] * 3
         assert tcl.unpatch(model) is model and tcl.unpatch(model) is model
     assert (type(model), type(model.blocks[0]), type(model.blocks[0].attn)) == classes
-    assert model.pretrained_cfg == cfg and not hasattr(model, "_tcl_info") and not hasattr(model.blocks[0], "_tcl_info")
+    assert model.pretrained_cfg == cfg and not is_patched(model) and not hasattr(model.blocks[0], "_tcl_info")
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 
@@ -226,14 +226,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
         tcl.patch(model, Schedule([n, 1, 1], [1, 1, 1]))
     with pytest.raises(ValueError, match="merge="):
         tcl.patch(model, Schedule.full(model), merge="average")  # type: ignore[arg-type]
-    assert not hasattr(model, "_tcl_info")  # nothing half-patched
+    assert not is_patched(model)  # nothing half-patched
     tcl.patch(model, Schedule.tome(model, 2), trace_source=True)
     with pytest.raises(ScheduleError):
         tcl.patch(model, Schedule([n, n - 9, n - 9], [n - 9, n - 9, n - 9]), merge="bipartite")
-    assert model._tcl_info["schedule"] == Schedule.tome(model, 2)  # a refused re-patch keeps the old one
+    assert tcl.patch_state(model).schedule == Schedule.tome(model, 2)  # a refused re-patch keeps the old one
     with torch.no_grad():
         model(images(3)), model(images(1))
-    assert model._tcl_info["source"].shape[0] == 1  # state is per forward
+    assert tcl.patch_state(model).source.shape[0] == 1  # state is per forward
     post = tiny("cls", block_fn=ResPostBlock)
     with pytest.raises(TypeError, match="standard Block"):
         tcl.patch(post, Schedule.full(post))
@@ -255,3 +255,24 @@ def test_head_keys_similarity_is_the_mean_of_per_head_key_cosines() -> None:
     unit = F.normalize(metric, dim=-1)
     assert metric.shape == (2, 17, attn.num_heads * attn.head_dim)
     assert torch.allclose(unit @ unit.transpose(1, 2), per_head, atol=1e-5)
+
+
+def test_forward_from_a_block_input_equals_the_patched_forward_and_state_is_public() -> None:
+    model, x = tiny("cls", depth=4), images()
+    d = vit_dims(model)
+    s = Schedule([d.tokens] * 2 + [d.tokens - 4, d.tokens - 6], [d.tokens] * 2 + [d.tokens - 6, d.tokens - 8])
+    tcl.patch(model, s, trace_source=True)
+    got: list[torch.Tensor] = []
+    hook = model.blocks[2].register_forward_pre_hook(lambda _m, a: got.append(a[0].clone()))
+    with torch.no_grad():
+        want = model(x)
+        hook.remove()
+        state = tcl.patch_state(model)
+        assert state.schedule == s and state.settings.merge == "attention" and state.size is not None
+        assert (tcl.forward_from(model, got[0], 2) - want).abs().max() <= 1e-5
+        assert torch.equal(tcl.patch_state(model).source, state.source)  # the same op on the same tokens
+    with pytest.raises(AttributeError):
+        state.size = None  # type: ignore[misc]  # a frozen snapshot
+    tcl.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        tcl.patch_state(model)

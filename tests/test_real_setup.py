@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tcl import cli, data, evaluate, models, search
-from tcl.schedule import Schedule, macs
-from tcl.table import LookupTable
+from tcl.compress.schedule import Schedule, macs
+from tcl.compress.table import LookupTable
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=3)
@@ -221,7 +221,7 @@ def test_cli_search_eval_and_table_end_to_end(folder, weights, tmp_path, capsys,
     assert abs(rows["tome@0.8"]["fraction"] - rows["tcl@0.8"]["fraction"]) <= 0.02
     assert all(m in text for m in rows) and "val images: 12" in text
     m = small_model(weights)
-    tcl_patch = __import__("tcl.patch", fromlist=["patch"])
+    tcl_patch = __import__("tcl.compress.patch", fromlist=["patch"])
     tcl_patch.patch(m, table.select(0.6), **table.patch_kwargs)
     ds, _ = data.split(folder, "val", m)
     assert rows["tcl@0.6"]["accuracy"] == pytest.approx(evaluate.accuracy(m, ds, progress=False))

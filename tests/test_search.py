@@ -15,12 +15,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 from timm.models.vision_transformer import VisionTransformer
 
-from tcl import models, search
-from tcl.schedule import Schedule, macs, vit_dims
+from tcl import models, reference, search
+from tcl.compress.schedule import Schedule, macs, vit_dims
 from tcl.search import SearchConfig, SearchError
-from tcl.table import BudgetError, LookupTable, TableError
+from tcl.compress.table import BudgetError, LookupTable, TableError
 
-tcl_patch = importlib.import_module("tcl.patch")
+tcl_patch = importlib.import_module("tcl.compress.patch")
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2)
 
@@ -57,7 +57,7 @@ def test_sampled_schedules_are_valid(seed, index, lo, max_merge, depth):
     d = vit_dims(m)
     s = search.sample_schedule(d, seed, index, min_fraction=lo, max_fraction=1.0, max_merge=max_merge)
     s.check(d)
-    assert search._macs(d, s.merge) == macs(m, s)
+    assert search.space._macs(d, s.merge) == macs(m, s)
     assert all(a >= b for a, b in zip((d.tokens, *s.merge), s.prune)) and all(p >= q for p, q in zip(s.prune, s.merge))
     assert s == search.sample_schedule(d, seed, index, min_fraction=lo, max_merge=max_merge)  # deterministic
     tcl_patch.patch(m, s, merge="bipartite" if max_merge == 0.5 else "attention")  # the patch accepts every merge
@@ -68,7 +68,7 @@ def test_sampled_schedules_are_valid(seed, index, lo, max_merge, depth):
 
 
 def test_fit_rates_hits_target_and_sampling_covers_the_range():
-    d = vit_dims(models.build_reference())
+    d = vit_dims(reference.build_reference())
     full = macs(d)
     s = search.fit_rates(d, [0.1 * k for k in range(16)], 0.6 * full)
     assert abs(macs(d, s) / full - 0.6) < 0.01
@@ -310,13 +310,13 @@ def test_killed_cli_run_resumes_to_the_same_table(tmp_path):
 
 
 def test_anchors_are_the_baseline_families_and_can_win(tmp_path):
-    d = vit_dims(models.build_reference())
+    d = vit_dims(reference.build_reference())
     full = macs(d)
     anchors = search.anchor_schedules(d)
     kinds = {s.meta["kind"] for s in anchors}
     assert kinds == {"anchor-tome", "anchor-evit"} and len({(s.prune, s.merge) for s in anchors}) == len(anchors)
     assert all(0.25 <= macs(d, s) / full <= 1.0 for s in anchors)
-    assert Schedule.tome(models.build_reference(), 4) in anchors and Schedule.evit(d, 0.7) in anchors
+    assert Schedule.tome(reference.build_reference(), 4) in anchors and Schedule.evit(d, 0.7) in anchors
     m = tiny()
     table = search.search(m, Synthetic(m), CFG, tmp_path, progress=False)
     logged = search.read_log(tmp_path)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from tcl.compress.table import LookupTable
 from tcl.utils import write_json, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,10 @@ def load(name: str) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def load_table(path: Path) -> LookupTable | None:
+    return LookupTable.load(path) if path.exists() else None
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -52,10 +57,10 @@ def search_runs() -> dict[str, Any]:
         inv = RUNS / name / "invocations.jsonl"
         if inv.exists():
             rows = [json.loads(x) for x in inv.read_text().splitlines() if x.strip()]
-            table = json.loads((RUNS / name / "table.json").read_text())
+            table = LookupTable.load(RUNS / name / "table.json")
             out[name] = {"invocations": rows, "wall_s": sum(r["wall_s"] for r in rows),
-                         "evaluated": sum(r["evaluated"] for r in rows), "entries": len(table["entries"]),
-                         **{k: v for k, v in table["search"].items() if k.startswith("evaluations")}}
+                         "evaluated": sum(r["evaluated"] for r in rows), "entries": len(table.entries),
+                         **{k: v for k, v in table.search.items() if k.startswith("evaluations")}}
         elif name in old:
             out[name] = old[name]
     return out
@@ -65,16 +70,16 @@ def per_search_picks() -> pd.DataFrame | None:
     tables = {"random 10k": "search_random_table.json", "evolve 3k": "search_evolve_table.json",
               "targeted evolve 4.5k": "search_targeted_table.json", "targeted 60 % 3.5k": "search_targeted60_table.json",
               "combined (shipped)": "search_table.json"}
-    loaded = {k: load(v) for k, v in tables.items()}
+    loaded = {k: load_table(RESULTS / v) for k, v in tables.items()}
     if not any(loaded.values()):
         return None
-    full = next(t for t in loaded.values() if t)["model"]["macs"]
+    full = next(t for t in loaded.values() if t).full_macs
     rows = []
     for b in (0.5, 0.6, 0.7, 0.8):
         row: dict[str, str] = {"budget": f"{b:.0%}"}
         for name, t in loaded.items():
-            targets = (t or {}).get("search", {}).get("targets")
-            fit = [e for e in (t or {}).get("entries", []) if e["macs"] <= b * full and (not targets or b in targets)]
+            targets = t.search.get("targets") if t else None
+            fit = [e for e in (t.entries if t else []) if e["macs"] <= b * full and (not targets or b in targets)]
             e = min(fit, key=lambda e: e["scores"]["kl"]) if fit else None
             row[name] = "-" if e is None else (f"{e['scores']['kl']:.4f} / {pct(e['scores']['acc'])} @ "
                                                f"{100 * e['macs'] / full:.1f} %")

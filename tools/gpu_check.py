@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tcl  # noqa: E402
-from tcl.schedule import Schedule, at_macs, macs  # noqa: E402
+from tcl.compress.schedule import Schedule, at_macs, macs  # noqa: E402
 from tcl.utils import write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..vit import require_vit
+from . import tokens
 from .settings import PatchSettings, SettingsError
 
 
@@ -27,6 +29,8 @@ class ViTDims:
     classes: int
     patch_macs: int
     heads: int = 1  # classifier heads (2 for DeiT's distilled models)
+    head_dim: int = 0  # width of one attention head (0: unknown; per-block head counts then cannot be costed)
+    gate: bool = False  # attention has timm's sigmoid output gate
 
     @property
     def min_tokens(self) -> int:
@@ -36,20 +40,16 @@ class ViTDims:
 
 def vit_dims(model: "torch.nn.Module | ViTDims") -> ViTDims:
     """Read token count, width, depth, etc. off a timm VisionTransformer (raises TypeError otherwise)."""
-    from timm.models.vision_transformer import VisionTransformer
-
     if isinstance(model, ViTDims):
         return model
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}; build the model with "
-                        "timm.models.vision_transformer (tcl.models.create / tcl.models.reference)")
-    pe = model.patch_embed
+    pe = require_vit(model).patch_embed
     n = pe.num_patches
     k = math.prod(pe.proj.weight.shape[1:])
     return ViTDims(tokens=n + model.num_prefix_tokens, prefix=model.num_prefix_tokens, dim=model.embed_dim,
                    hidden=model.blocks[0].mlp.fc1.out_features, depth=len(model.blocks),
                    classes=model.num_classes, patch_macs=n * model.embed_dim * k,
-                   heads=1 + isinstance(getattr(model, "head_dist", None), torch.nn.Linear))
+                   heads=1 + isinstance(getattr(model, "head_dist", None), torch.nn.Linear),
+                   head_dim=int(model.blocks[0].attn.head_dim), gate=getattr(model.blocks[0].attn, "gate", None) is not None)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class Schedule:
         prune, merge, n = [], [], d.tokens
         for r_i in per_block:
             prune.append(n)
-            n -= max(min(r_i, (n - d.prefix) // 2), 0)  # ToMe: r = min(r, (t - protected) // 2)
+            n -= max(min(r_i, tokens.max_bipartite(n, d.prefix)), 0)  # ToMe: r = min(r, (t - protected) // 2)
             merge.append(n)
         return cls(prune, merge, {"kind": "tome", "r": r if isinstance(r, (int, float)) else list(r)},
                    PatchSettings(merge="tome"))
@@ -200,20 +200,31 @@ def _tome_r(depth: int, r: float | tuple[float, float] | Sequence[int]) -> list[
     return [int(low + step * i) for i in range(depth)]
 
 
-def block_macs(n_in: int, n_out: int, dim: int, hidden: int) -> int:
-    """MACs of one block: attention 4NC^2 + 2N^2C at the incoming N, MLP 2·N·C·hidden at the kept N."""
-    return 4 * n_in * dim * dim + 2 * n_in * n_in * dim + 2 * n_out * dim * hidden
+def block_macs(n_in: int, n_out: int, dim: int, hidden: int, width: int | None = None, gate: bool = False) -> int:
+    """MACs of one block: attention 4·N·C·a + 2·N²·a at the incoming N (a: attention width, default C; + N·C·a for
+    timm's sigmoid gate), MLP 2·N·C·hidden at the kept N."""
+    a = dim if width is None else width
+    return 4 * n_in * dim * a + 2 * n_in * n_in * a + 2 * n_out * dim * hidden + (n_in * dim * a if gate else 0)
 
 
-def macs(model: torch.nn.Module | ViTDims, schedule: Schedule | None = None) -> int:
-    """Analytic MACs per image (DiffRate convention) of the model under a schedule (None = uncompressed)."""
-    d = model if isinstance(model, ViTDims) else vit_dims(model)
-    s = schedule.check(d) if schedule is not None else Schedule([d.tokens] * d.depth, [d.tokens] * d.depth)
+def count_macs(d: ViTDims, kept: Sequence[int], heads: Sequence[int] | None = None) -> int:
+    """Analytic MACs per image from the kept tokens after each block and per-block head counts (None: all heads),
+    without validation: the one MACs formula (DiffRate convention)."""
+    if heads is not None and (len(heads) != d.depth or not d.head_dim):
+        raise ScheduleError(f"give one head count per block ({d.depth}) of a model whose head width is known")
     total, n = d.patch_macs + d.dim * d.classes * d.heads, d.tokens
-    for m in s.merge:
-        total += block_macs(n, m, d.dim, d.hidden)
+    for i, m in enumerate(kept):
+        total += block_macs(n, m, d.dim, d.hidden, None if heads is None else heads[i] * d.head_dim, d.gate)
         n = m
     return total
+
+
+def macs(model: torch.nn.Module | ViTDims, schedule: Schedule | None = None, heads: Sequence[int] | None = None) -> int:
+    """Analytic MACs per image (DiffRate convention) of the model under a schedule (None = uncompressed), with
+    per-block head counts `heads` (None = the model's own widths)."""
+    d = model if isinstance(model, ViTDims) else vit_dims(model)
+    s = schedule.check(d) if schedule is not None else Schedule([d.tokens] * d.depth, [d.tokens] * d.depth)
+    return count_macs(d, s.merge, heads)
 
 
 def unified(model: torch.nn.Module | ViTDims, prune_rate: float, merge_rate: float, start: int = 1) -> Schedule:

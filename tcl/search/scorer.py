@@ -7,17 +7,17 @@ from a DataLoader at every evaluation, so a folder dataset is never held whole i
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from .data import check_input, first_shape, loader
-from .schedule import Schedule, vit_dims
-from .settings import PatchSettings
-from .utils import autocast, device_of
+from ..compress.patch import forward_from, is_patched, patch, unpatch
+from ..compress.schedule import Schedule, vit_dims
+from ..compress.settings import PatchSettings
+from ..data import check_input, first_shape, loader
+from ..utils import autocast, device_of
 
 MAX_CACHE_BYTES = 2 * 2**30  # default bound on what a ReferenceScorer keeps: logits, labels, images, block inputs
 
@@ -40,17 +40,16 @@ Apply = Callable[[torch.nn.Module, Schedule], ContextManager[Any]]
 def patched(**patch_kwargs: Any) -> Apply:
     """An Apply that compresses the model by a schedule's counts with the settings of patch_kwargs (tcl.patch's
     keywords; whatever settings the schedule carries are replaced) and unpatches on exit."""
-    mod = importlib.import_module(".patch", __package__)
     trace = bool(patch_kwargs.get("trace_source", False))
     settings = PatchSettings.from_dict(patch_kwargs)
 
     @contextlib.contextmanager
     def apply(model: torch.nn.Module, schedule: Schedule) -> Iterator[torch.nn.Module]:
-        mod.patch(model, schedule.with_settings(settings), trace_source=trace)
+        patch(model, schedule.with_settings(settings), trace_source=trace)
         try:
             yield model
         finally:
-            mod.unpatch(model)
+            unpatch(model)
 
     return apply
 
@@ -89,7 +88,7 @@ class ReferenceScorer:
                  apply: Apply | None = None, batch_size: int = 1000, order_seed: int = 0, cache_images: int = 512,
                  info: dict[str, Any] | None = None, max_cache_bytes: int = MAX_CACHE_BYTES, workers: int = 0,
                  amp: str | None = None, **patch_kwargs: Any):
-        if getattr(model, "_tcl_info", None) is not None:
+        if is_patched(model):
             raise SearchError("the model is patched; call tcl.unpatch(model) first (scores compare against the "
                               "uncompressed model's predictions)")
         ds = TensorDataset(*data) if isinstance(data, tuple) else data
@@ -186,11 +185,7 @@ class ReferenceScorer:
                     out.append(m(x).float())
                 return torch.cat(out)
             for i in range(0, n, self.batch_size):
-                m._tcl_info.update(size=None, source=None)  # what the patched forward_features resets first
-                h = self.cache[start][i:min(i + self.batch_size, n)]
-                for blk in m.blocks[start:]:
-                    h = blk(h)
-                out.append(m.forward_head(m.norm(h)).float())
+                out.append(forward_from(m, self.cache[start][i:min(i + self.batch_size, n)], start).float())
         return torch.cat(out)
 
     def _start(self, s: Schedule) -> int:
@@ -204,7 +199,7 @@ class ReferenceScorer:
         keep = [d.tokens] * k + [d.tokens - 1] * (d.depth - k)
         s = Schedule(keep, keep)
         with self.apply(self.model, s):
-            if getattr(self.model, "_tcl_info", None) is None:
+            if not is_patched(self.model):
                 return False
             n = min(8, len(self.cache[k]))
             return torch.allclose(self._logits(n, k), self._logits(n), atol=1e-4, rtol=1e-4)

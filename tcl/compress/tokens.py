@@ -24,6 +24,14 @@ class Reduce(Protocol):
     def __call__(self, t: Tensor, w: Tensor | None = None) -> Tensor: ...
 
 
+MAX_BIPARTITE_SHARE = 0.5  # a bipartite merge removes at most this share of the non-protected tokens (max_bipartite)
+
+
+def max_bipartite(n: int, protected: int) -> int:
+    """The most tokens a bipartite merge of n tokens removes: half of the non-protected ones (the one rule)."""
+    return max(n - protected, 0) // 2
+
+
 def _flat(idx: Tensor, n: int) -> Tensor:
     """Batch-row indices [B, K] into n tokens as indices into the flattened [B * n] token axis."""
     return (idx + n * torch.arange(idx.shape[0], device=idx.device).unsqueeze(1)).reshape(-1)
@@ -138,7 +146,7 @@ def bipartite_merge(metric: Tensor, r: int, prefix: int) -> Reduce:
     alternately into A (even) and B (odd), merge the r tokens of A most cosine-similar to B each into its best match
     (metric [B, N, D], or [B, N, H, D] summed over heads); output [prefix, unmerged A in order, B in order]."""
     batch, n = metric.shape[:2]
-    if not 0 <= r <= (n - prefix) // 2:
+    if not 0 <= r <= max_bipartite(n, prefix):
         raise ValueError(f"bipartite merge removes at most half of the {n - prefix} non-protected tokens, "
                          f"asked for r={r}; use fewer merges or merge='attention'")
     if r == 0:
@@ -162,7 +170,7 @@ def tome_merge(metric: Tensor, r: int, class_token: bool, distill_token: bool) -
     position with a class token and by descending score without, the distillation token moved to position 1."""
     batch, n = metric.shape[:2]
     protected = int(class_token) + int(distill_token)
-    if not 0 <= r <= (n - protected) // 2:
+    if not 0 <= r <= max_bipartite(n, protected):
         raise ValueError(f"ToMe merges at most half of the {n - protected} non-protected tokens, asked for r={r}; "
                          "use fewer merges (Schedule.tome caps r)")
     if r == 0:

@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
+from .tokens import MAX_BIPARTITE_SHARE
+
 MergeKind = Literal["attention", "bipartite", "tome", "diffrate"]
 Fuse = Literal["none", "evit", "mean"]
 Similarity = Literal["keys", "head_keys", "features"]
@@ -66,7 +68,7 @@ class PatchSettings:
     @property
     def max_merge(self) -> float:
         """The most of the non-protected tokens one merge step can remove: half for bipartite matching, else all."""
-        return 0.5 if self.merge in ("bipartite", "tome") else 1.0
+        return MAX_BIPARTITE_SHARE if self.merge in ("bipartite", "tome") else 1.0
 
     def kwargs(self) -> dict[str, Any]:
         """The tcl.patch keyword arguments that reproduce these settings."""

@@ -15,7 +15,7 @@ import torch
 
 from .schedule import Schedule, ScheduleError, macs, vit_dims
 from .settings import PatchSettings, SettingsError
-from .utils import write_json
+from ..utils import write_json
 
 TABLE_FORMAT = "tcl.lookup_table"
 TABLE_VERSION = 2  # 2 added "settings"; a version-1 table's settings are its data["patch"] (PatchSettings.from_v1)

@@ -15,8 +15,7 @@ left alone, where EViT would still scale a lone inattentive token by its attenti
 DiffRate's inference op; ToMe is defined for class / distillation tokens or none, EViT and DiffRate for exactly one
 class token, and other models raise. order='merge_prune' merges away prune[i] - merge[i] tokens first, then prunes
 to merge[i]; trace_source=True keeps the [B, N, N_input] 0/1 source matrix.
-The last forward's state is in `model._tcl_info`: "size" ([B, N, 1] tokens' patch counts, None while all are
-1), "source" (None unless traced), "schedule", "settings", "config".
+The last forward's state is read with `patch_state(model)` (sizes, sources, schedule, settings).
 """
 from __future__ import annotations
 
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from ..vit import attention, require_vit
 from . import tokens
 from .schedule import Schedule, ScheduleError, vit_dims
 from .settings import Fuse, MergeKind, Order, PatchSettings, SettingsError, Similarity
 
-__all__ = ["patch", "unpatch", "extra_macs", "PatchConfig", "PatchSettings", "SettingsError", "MergeKind", "Fuse",
+__all__ = ["patch", "unpatch", "patch_state", "PatchState", "is_patched", "forward_from", "extra_macs", "PatchConfig", "PatchSettings", "SettingsError", "MergeKind", "Fuse",
            "Similarity", "Order"]
 
 
@@ -69,29 +69,15 @@ class TclAttention(Attention):
                     keys_as: Similarity | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(output, class attention [B, H, N] or None, matching metric or None: head-summed keys [B, N, head_dim]
         for keys_as='keys', per-head unit keys concatenated [B, N, H * head_dim] for 'head_keys')."""
-        b, n, _ = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else tokens.size_bias(size).to(q.dtype)
-        if self.fused_attn:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = attn if bias is None else attn + bias
-            o = self.attn_drop(attn.softmax(dim=-1)) @ v
+        bias = None if size is None else tokens.size_bias(size)
+        out, q, k = attention(self, x, bias)
         cls = tokens.cls_attention(q, k, self.scale, readers, size) if want_cls else None
         keys = None
         if keys_as == "keys":
             keys = tokens.head_sum(k.transpose(1, 2))
         elif keys_as == "head_keys":
             keys = F.normalize(k, dim=-1).transpose(1, 2).flatten(2)
-        o = o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-        o = self.norm(o) if hasattr(self, "norm") else o  # older timm (1.0.9-1.0.15) has no Attention.norm
-        if gate is not None:
-            o = o * gate
-        return self.proj_drop(self.proj(o)), cls, keys
+        return out, cls, keys
 
 
 class TclBlock(Block):
@@ -213,7 +199,7 @@ def _check_steps(s: Schedule, cfg: PatchConfig, tokens_in: int) -> None:
             before = p if (kind, cfg.order) == ("merge", "prune_merge") else n
             if kind != "merge" or keep >= before:
                 continue
-            if cfg.merge in ("bipartite", "tome") and before - keep > (before - cfg.prefix) // 2:
+            if cfg.merge in ("bipartite", "tome") and before - keep > tokens.max_bipartite(before, cfg.prefix):
                 raise ScheduleError(f"block {i}: bipartite merging removes at most half of the {before - cfg.prefix} "
                                     f"non-protected tokens, the schedule asks for {before - keep}; use "
                                     "merge='attention' or a schedule with fewer merges (Schedule.tome caps r)")
@@ -246,9 +232,7 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind | None = Non
     applied; a keyword that contradicts carried settings raises SettingsError unless override=True."""
     given = {k: v for k, v in dict(merge=merge, fuse=fuse, prop_attn=prop_attn, similarity=similarity,
                                    order=order).items() if v is not None}
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"tcl.patch needs a timm VisionTransformer, got {type(model).__name__}; build it with "
-                        "tcl.models.create(name) / tcl.models.reference() or timm.models.vision_transformer")
+    require_vit(model, "tcl.patch")
     if not isinstance(schedule, Schedule):
         raise ScheduleError(f"expected a tcl.Schedule, got {type(schedule).__name__}; build one with tcl.Schedule(...)")
     st = PatchSettings(**given) if schedule.settings is None else schedule.settings.resolve(given, override)
@@ -290,11 +274,47 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class PatchState:
+    """A patched model's op and the token state its last forward left: sizes [B, N, 1] (patches per token, None
+    while all are 1) and sources [B, N, N_input] (None unless traced)."""
+
+    schedule: Schedule
+    settings: PatchSettings
+    size: Tensor | None
+    source: Tensor | None
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether tcl.patch has been applied to model (and not undone)."""
+    return getattr(model, "_tcl_info", None) is not None
+
+
+def _info(model: nn.Module) -> dict[str, Any]:
+    """The patch's shared state of model; ValueError when it is not patched."""
+    if not is_patched(model):
+        raise ValueError("the model is not patched; call tcl.patch(model, schedule) first")
+    return model._tcl_info
+
+
+def patch_state(model: nn.Module) -> PatchState:
+    """The schedule, settings, token sizes and sources of a patched model (after its last forward)."""
+    info = _info(model)
+    return PatchState(info["schedule"], info["settings"], info["size"], info["source"])
+
+
+def forward_from(model: nn.Module, h: Tensor, start: int) -> Tensor:
+    """The patched model's output from h, the input of block `start` in its forward: blocks start.. and the head."""
+    info = _info(model)
+    info["size"] = info["source"] = None  # what block 0 resets at a new forward
+    for blk in model.blocks[start:]:
+        h = blk(h)
+    return model.forward_head(model.norm(h))
+
+
 def extra_macs(model: nn.Module) -> int:
     """Matmul MACs per image a patched model adds to tcl.macs: class-attention rows and merge similarities."""
-    info = getattr(model, "_tcl_info", None)
-    if info is None:
-        raise ValueError("the model is not patched; call tcl.patch(model, schedule) first")
+    info = _info(model)
     cfg: PatchConfig = info["config"]
     attn = model.blocks[0].attn
     heads, qk_dim = attn.num_heads, attn.num_heads * attn.head_dim

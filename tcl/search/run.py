@@ -1,15 +1,14 @@
-"""Compression-rate search: random and evolutionary candidates, successive evaluation, resumable JSONL log, torch.distributed.
+"""The search run: random and evolutionary candidates, successive evaluation, resumable JSONL log, torch.distributed.
 
 Stage "subset": every candidate is scored on the first `subset` images of the held-out split (default score: KL to
-the uncompressed model's cached predictions); stage "anchor" scores the baselines' schedules (ToMe, EViT) the same way,
-so the table can only beat them by finding something better on the held-out split. Stage "full": the `topk` best per MACs bin are re-scored on the whole
-split, and the best per bin (by `select_by`) forms the LookupTable. Run `python -m tcl.search --help`.
+the uncompressed model's cached predictions); stage "anchor" scores the baselines' schedules (ToMe, EViT) the same way.
+Stage "full": the `topk` best per MACs bin are re-scored on the whole split, and the best per bin (by `select_by`)
+forms the LookupTable.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -21,145 +20,14 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from .schedule import Schedule, ViTDims, block_macs, macs, vit_dims
-from .scorer import Apply, ReferenceScorer, Scorer, SearchError, patched
-from .table import BudgetError, LookupTable, TableError, better, build_table, mac_bin, model_info, read_log, sort_key
-from .utils import write_json
+from ..compress.schedule import Schedule, ViTDims, vit_dims
+from ..compress.table import LookupTable, build_table, mac_bin, model_info, read_log, sort_key
+from ..utils import write_json
+from .scorer import Scorer, SearchError
+from .space import _macs, anchor_schedules, mutate_schedule, sample_schedule
 
-__all__ = ["SearchConfig", "SearchError", "Scorer", "ReferenceScorer", "Apply", "patched", "LookupTable", "TableError", "BudgetError",
-           "search", "sample_schedule", "anchor_schedules", "evaluations_to_match", "selection_check", "mutate_schedule",
-           "fit_rates", "rates_of", "build_table", "budget_curve",
-           "read_log", "init_distributed", "main"]
+__all__ = ["SearchConfig", "search", "init_distributed", "resolve_subset_dtype"]
 
-
-# ---- search space ---------------------------------------------------------------------------------------------
-def _counts(d: ViTDims, rates: Sequence[float], max_merge: float) -> tuple[list[int], list[int]]:
-    """Kept counts when step k (prune_0, merge_0, prune_1, ...) removes rates[k] of the non-protected tokens.
-
-    A merge removes at most floor(max_merge * non-protected) tokens and keeps a non-protected destination.
-    """
-    prune, merge, n = [], [], d.tokens
-    for k, r in enumerate(rates):
-        free = n - d.prefix
-        drop = math.floor(min(max(r, 0.0), 1.0) * free + 0.5)
-        if k % 2:
-            drop = min(drop, math.floor(max_merge * free), free - 1) if free > 1 else 0
-        n = max(n - drop, d.min_tokens)
-        (merge if k % 2 else prune).append(n)
-    return prune, merge
-
-
-@functools.lru_cache(maxsize=64)
-def _fixed_macs(d: ViTDims) -> int:
-    """The schedule-independent part of tcl.macs (patch embedding, head)."""
-    return macs(d) - d.depth * block_macs(d.tokens, d.tokens, d.dim, d.hidden)
-
-
-def _macs(d: ViTDims, merge: Sequence[int]) -> int:
-    """tcl.macs(d, schedule) from the merge counts alone (fast, no validation)."""
-    total, n = _fixed_macs(d), d.tokens
-    for m in merge:
-        total += block_macs(n, m, d.dim, d.hidden)
-        n = m
-    return total
-
-
-def rates_of(d: ViTDims, s: Schedule) -> list[float]:
-    """Per-step removal rates [prune_0, merge_0, prune_1, ...] as fractions of the non-protected incoming tokens."""
-    out, n = [], d.tokens
-    for p, m in zip(s.prune, s.merge):
-        for kept in (p, m):
-            out.append((n - kept) / (n - d.prefix) if n > d.prefix else 0.0)
-            n = kept
-    return out
-
-
-def fit_rates(d: ViTDims, shape: Sequence[float], target_macs: float, max_merge: float = 1.0,
-              meta: dict[str, Any] | None = None) -> Schedule:
-    """Scale removal rates alpha*shape (clipped to [0,1]) so the schedule's MACs come closest to target_macs."""
-    shape = [max(float(r), 0.0) for r in shape]
-    full = Schedule(*_counts(d, [0.0] * len(shape), max_merge), meta)
-    if not any(shape) or _macs(d, full.merge) <= target_macs:
-        return full
-
-    def at(alpha: float) -> tuple[int, Schedule]:
-        s = Schedule(*_counts(d, [alpha * r for r in shape], max_merge), meta)
-        return _macs(d, s.merge), s
-
-    lo, hi = 0.0, 1.0 / min(r for r in shape if r > 0)  # at hi every step removes all it may
-    if at(hi)[0] > target_macs:
-        return at(hi)[1]
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if at(mid)[0] > target_macs else (lo, mid)
-    (m_lo, s_lo), (m_hi, s_hi) = at(lo), at(hi)
-    return s_lo if abs(m_lo - target_macs) < abs(m_hi - target_macs) else s_hi
-
-
-def sample_schedule(d: ViTDims, seed: int, index: int, min_fraction: float = 0.25, max_fraction: float = 1.0,
-                    max_merge: float = 1.0) -> Schedule:
-    """Random candidate `index`: per-block prune and merge rates, each sorted to grow with depth, fit to a random MACs level.
-
-    Draws a target MACs fraction t ~ U(min_fraction, max_fraction), a first compressed block among those that can
-    still reach t, a prune/merge mix w (0 = merge only with probability 1/3, 1 = prune only with probability 1/6, else
-    U(0,1)), prune rates w*sort(U(0,1)^depth) and merge rates (1-w)*sort(U(0,1)^depth), then scales all rates by one
-    factor so the MACs land nearest t (fit_rates).
-    Deterministic in (seed, index), so shards and resumed runs regenerate the same candidates.
-    """
-    rng = np.random.default_rng([seed, 0, index])
-    full = _macs(d, [d.tokens] * d.depth)
-    t = rng.uniform(min_fraction, max_fraction)
-    reach = [_macs(d, _counts(d, [0.0] * 2 * s + [1.0] * 2 * (d.depth - s), max_merge)[1]) / full
-             for s in range(d.depth)]
-    starts = [s for s in range(d.depth) if reach[s] <= t] or [0]
-    start = int(rng.choice(starts))
-    u, w = rng.uniform(), rng.uniform()
-    w = 0.0 if u < 1 / 3 else 1.0 if u < 1 / 2 else w
-    p, m = np.sort(rng.uniform(size=d.depth)) * w, np.sort(rng.uniform(size=d.depth)) * (1 - w)
-    p[:start] = m[:start] = 0.0
-    return fit_rates(d, np.stack([p, m], 1).reshape(-1).tolist(), t * full, max_merge,
-                     {"kind": "random", "id": index})
-
-
-def anchor_schedules(d: ViTDims, min_fraction: float = 0.25, max_fraction: float = 1.0) -> list[Schedule]:
-    """The baselines' families inside the search space: ToMe (r = 0.25, 0.5, ...) and EViT (keep = 0.98, 0.96, ...)
-    schedules whose MACs lie in [min_fraction, max_fraction] of the uncompressed model, without duplicates."""
-    full, out, seen = _macs(d, [d.tokens] * d.depth), [], set()
-    fams = [[Schedule.tome(d, k / 4) for k in range(1, 4 * d.tokens)],
-            [Schedule.evit(d, 1 - k / 50) for k in range(1, 50)]]
-    for fam in fams:
-        for s in fam:
-            f = _macs(d, s.merge) / full
-            if min_fraction <= f <= max_fraction and (s.prune, s.merge) not in seen:
-                seen.add((s.prune, s.merge))
-                out.append(Schedule(s.prune, s.merge, {**s.meta, "kind": "anchor-" + s.meta["kind"]}))
-    return out
-
-
-def mutate_schedule(d: ViTDims, parent: Schedule, rng: np.random.Generator, target_macs: float, sigma: float = 0.15,
-                    max_merge: float = 1.0, meta: dict[str, Any] | None = None,
-                    other: Schedule | None = None) -> Schedule:
-    """A child of parent's per-step rates, refit to target_macs: with probability 0.6 perturb 1-3 rates by N(0, sigma),
-    0.2 set one rate to 0 or 1, 0.2 take each block's rates from parent or `other` (crossover; parent if None)."""
-    r = np.array(rates_of(d, parent))
-    u = rng.uniform()
-    if u < 0.6:
-        idx = rng.choice(len(r), size=int(rng.integers(1, 4)), replace=False)
-        r[idx] = np.clip(r[idx] + rng.normal(0.0, sigma, len(idx)), 0.0, 1.0)
-    elif u < 0.8:
-        r[int(rng.integers(len(r)))] = float(rng.integers(2))
-    elif other is not None:
-        take = np.repeat(rng.uniform(size=d.depth) < 0.5, 2)
-        r = np.where(take, np.array(rates_of(d, other)), r)
-    return fit_rates(d, r.tolist(), target_macs, max_merge, meta)
-
-
-def _under(rec: dict[str, Any], full: int, width: float, budget: float, window: int) -> bool:
-    """Whether a record lies in one of the `window` MACs bins just under budget."""
-    return round(budget / width) - window <= mac_bin(rec, full, width) < round(budget / width)
-
-
-# ---- search ----------------------------------------------------------------------------------------------------
 @dataclass
 class SearchConfig:
     """Settings of one search (all of them recorded in the log folder and the table)."""
@@ -174,7 +42,7 @@ class SearchConfig:
     max_fraction: float = 1.0
     max_merge: float = 1.0  # most of the non-protected tokens one merge step may remove (0.5 for 'bipartite'/'tome')
     rank_by: str = "kl"  # subset score that promotes candidates to the full split
-    select_by: str = "kl"  # full-split score that picks each bin's entry (acc is optimistic: notebook 03, section 6)
+    select_by: str = "kl"  # full-split score that picks each bin's entry (acc is optimistic on the split it picks on)
     init: int = 500  # evolve: random candidates before the first round
     round_size: int = 100  # evolve: children per round (a sync point when distributed)
     sigma: float = 0.15  # evolve: std of the rate perturbation
@@ -244,7 +112,7 @@ def _measure_subset_dtype(scorer: Scorer, d: ViTDims, cfg: "SearchConfig", round
     interleaved timings of `rounds` subset evaluations (first one warm-up) find it faster; with the evidence."""
     import statistics
 
-    from .utils import device_of, native_bf16, synchronize
+    from ..utils import device_of, native_bf16, synchronize
 
     model = getattr(scorer, "model", None)
     if not isinstance(model, torch.nn.Module):
@@ -454,110 +322,3 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
         table.save(out / "table.json")
     _invocation(out, run, t0)
     return table
-
-
-def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathLike,
-                 budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), evaluations: Sequence[int] = (1000, 10_000),
-                 window: int = 3, progress: bool = True, **overrides: Any) -> list[dict[str, Any]]:
-    """Full-split scores of what a logged search picks at each budget from only its first E subset evaluations.
-
-    For each (E, budget) the `topk` best (by rank_by) of each of the `window` MACs bins just under the budget are
-    scored on the whole split (logged, so resumable) and the best by select_by is reported with its schedule.
-    overrides (e.g. rank_by="agree", topk=1) replace the search's own settings for this selection only.
-    """
-    out = Path(out_dir)
-    if not (out / "settings.json").exists():
-        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
-    cfg = SearchConfig(**{**json.loads((out / "settings.json").read_text())["config"], **overrides})
-    run = _Run(vit_dims(model), scorer, cfg, out, progress)
-    rows, w = [], cfg.bin_width
-    try:
-        for e in evaluations:
-            subset = run.pool(below=e)
-            for b in budgets:
-                top = run.promote([r for r in subset if _under(r, run.full, w, b, window)])
-                top.pop(-1)
-                if not top:
-                    raise BudgetError(f"no candidate among the first {e} lies within {window} bins under budget {b}")
-                run.evaluate("full", list(top), top.__getitem__, scorer.size, f"E={e} budget={b}")
-                best = min((run.records[("full", i)] for i in top),
-                           key=lambda r: (sort_key(cfg.select_by, r["scores"][cfg.select_by]), r["id"]))
-                rows.append({"method": cfg.method, "rank_by": cfg.rank_by, "select_by": cfg.select_by,
-                             "evaluations": e, "budget": b, "id": best["id"],
-                             "fraction": best["macs"] / run.full, **best["scores"], "schedule": best["schedule"]})
-    finally:
-        run.log.close()
-    return rows
-
-
-def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
-                    budgets: Sequence[float] = (0.5, 0.6, 0.7, 0.8), window: int = 12, splits: int = 1000,
-                    seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Which whole-split score should pick the table entry: per budget and score (acc / kl / agree), the accuracy on
-    the unseen half of the search split of the finalist picked on a random half (mean over `splits` halves), and the
-    optimism of the picked entry's accuracy on the half it was picked on. Finalists: a logged search's full-stage
-    records in the `window` MACs bins under each budget."""
-    from tqdm.auto import tqdm
-
-    out = Path(out_dir)
-    if not (out / "settings.json").exists():
-        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
-    w = json.loads((out / "settings.json").read_text())["config"]["bin_width"]
-    full = macs(scorer.dims)
-    fin = sorted((r for (st, i), r in read_log(out).items() if st == "full" and i != -1
-                  and any(_under(r, full, w, b, window) for b in budgets)), key=lambda r: r["id"])
-    if not fin:
-        raise SearchError(f"no full-split finalists of {out} lie within {window} bins under {list(budgets)}; "
-                          "pass a larger window")
-    per = [scorer.per_image(Schedule.from_dict(r["schedule"]))
-           for r in tqdm(fin, desc="finalists", disable=not progress)]
-    vals = {k: torch.stack([p[k] for p in per]) for k in ("acc", "kl", "agree")}  # [finalists, images]
-    macs_ = torch.tensor([r["macs"] for r in fin])
-    halves = torch.stack([torch.randperm(scorer.size, generator=torch.Generator().manual_seed(seed * 100_003 + i))
-                          < scorer.size // 2 for i in range(splits)]).float()  # [splits, images], 1 = picking half
-    seen = {k: v @ halves.T / halves.sum(1) for k, v in vals.items()}  # [finalists, splits]
-    unseen_acc = vals["acc"] @ (1 - halves).T / (1 - halves).sum(1)
-    rows, cols = [], torch.arange(splits)
-    for b in budgets:
-        ok = (macs_ <= b * full).float().unsqueeze(1)
-        if not ok.any():
-            raise BudgetError(f"no finalist fits budget {b}")
-        for score in ("acc", "kl", "agree"):
-            pick = (sort_key(score, 1.0) * seen[score] + (1 - ok) * 1e9).argmin(0)  # best fitting finalist per split
-            rows.append({"budget": b, "select_by": score, "finalists": int(ok.sum()),
-                         "picked_half_acc": float(seen["acc"][pick, cols].mean()),
-                         "unseen_half_acc": float(unseen_acc[pick, cols].mean()),
-                         "optimism": float((seen["acc"][pick, cols] - unseen_acc[pick, cols]).mean())})
-    return rows
-
-
-def evaluations_to_match(rows: Sequence[dict[str, Any]], method: str = "evolve", reference: str = "random",
-                         score: str = "acc") -> list[dict[str, Any]]:
-    """Per budget: the fewest evaluations after which `method`'s pick scores at least `reference`'s pick with its most
-    evaluations (budget_curve rows of both; None if it never does)."""
-    out = []
-    for b in sorted({r["budget"] for r in rows}):
-        ref = max((r for r in rows if r["method"] == reference and r["budget"] == b), key=lambda r: r["evaluations"],
-                  default=None)
-        mine = sorted((r for r in rows if r["method"] == method and r["budget"] == b), key=lambda r: r["evaluations"])
-        if ref is None or not mine:
-            raise SearchError(f"need budget_curve rows of both {method!r} and {reference!r} at budget {b}")
-        hit = next((r["evaluations"] for r in mine if not better(score, ref[score], r[score])), None)
-        out.append({"budget": b, "reference": reference, "reference_evaluations": ref["evaluations"],
-                    f"reference_{score}": ref[score], "method": method, "evaluations_to_match": hit,
-                    f"best_{score}": max(mine, key=lambda r: -sort_key(score, r[score]))[score]})
-    return out
-
-
-# ---- command line ----------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> LookupTable:
-    """Command-line entry `python -m tcl.search [--config C] [--flags]`: the same options as `tcl search`."""
-    from .cli import search_command  # the CLI module imports this one; importing it here keeps that one-way at load
-
-    return search_command(argv, prog="python -m tcl.search")
-
-
-if __name__ == "__main__":
-    main()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

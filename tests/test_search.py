@@ -342,7 +342,7 @@ def test_evaluations_to_match():
 def test_nan_scores_rank_last_and_never_enter_a_table():
     """A schedule whose forward is not finite (NaN KL, e.g. DiffRate's similarity-scaled sizes going negative) is
     worse than any finite one in every ranking, and build_table leaves it out."""
-    from tcl.table import better, build_table, model_info, sort_key
+    from tcl.compress.table import better, build_table, model_info, sort_key
 
     nan = float("nan")
     assert better("kl", 5.0, nan) and not better("kl", nan, 5.0) and better("acc", 0.1, nan)

@@ -289,7 +289,8 @@ def test_shipped_v1_tables_apply_tcls_bipartite_split() -> None:
 
     from tcl.compress.table import LookupTable
 
-    path = Path(__file__).parent.parent / "results" / "search_table.json"
+    path = Path(__file__).parent.parent / "results" / "search_random_table.json"  # written by tcl 0.1 (version 1)
+    assert '"version": 1,' in path.read_text()
     table = LookupTable.load(path)
     assert table.settings == PatchSettings(merge="bipartite", prop_attn=True)
 

@@ -354,3 +354,20 @@ def test_nan_scores_rank_last_and_never_enter_a_table():
             {"id": 1, "macs": info["macs"], "scores": {"kl": 0.5, "acc": 0.9, "agree": 0.9}, "schedule": s}]
     table = build_table(recs, info, SearchConfig())
     assert [e["id"] for e in table.entries] == [1]
+
+
+def test_tables_written_before_vitdims_gained_fields_still_check():
+    """The shipped tables record dims without head_dim / gate: they load for the reference model and apply; a table
+    whose recorded dims differ from the model's is refused."""
+    from pathlib import Path
+
+    from tcl.compress.table import LookupTable, TableError
+
+    model = models.reference()
+    root = Path(__file__).parent.parent / "results"
+    for name in ("search_table.json", "search_random_table.json", "search_diffrate_table.json"):
+        table = LookupTable.load(root / name, model)
+        assert "head_dim" not in table.model["dims"] and table.select(0.6).settings is not None
+    table.model["dims"] = {**table.model["dims"], "depth": 9}
+    with pytest.raises(TableError, match="dims"):
+        table.check(model)

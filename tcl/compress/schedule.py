@@ -1,6 +1,7 @@
 """Schedules: per-block kept-token counts after prune and after merge, their validation, JSON and analytic MACs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,13 @@ class ViTDims:
     def min_tokens(self) -> int:
         """The fewest tokens a block may keep: the protected ones, and at least one."""
         return max(self.prefix, 1)
+
+
+def same_dims(recorded: dict[str, Any], dims: ViTDims) -> bool:
+    """Whether dims recorded by a table or search (as a dict) describe this architecture; fields added to ViTDims
+    after the record was written are not compared (the record predates them)."""
+    current = dataclasses.asdict(dims)
+    return isinstance(recorded, dict) and bool(recorded) and all(current.get(k) == v for k, v in recorded.items())
 
 
 def vit_dims(model: "torch.nn.Module | ViTDims") -> ViTDims:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .schedule import Schedule, ScheduleError, macs, vit_dims
+from .schedule import Schedule, ScheduleError, macs, same_dims, vit_dims
 from .settings import PatchSettings, SettingsError
 from ..utils import write_json
 
@@ -154,7 +154,7 @@ class LookupTable:
     def check(self, model: torch.nn.Module) -> "LookupTable":
         """Raise TableError unless the table was made for this model's architecture (warn if only the weights differ)."""
         dims = dataclasses.asdict(vit_dims(model))
-        if self.model.get("dims") != dims or self.model.get("macs") != macs(model):
+        if not same_dims(self.model.get("dims"), vit_dims(model)) or self.model.get("macs") != macs(model):
             raise TableError(f"this table was searched for {self.model.get('name')} with dims {self.model.get('dims')}, "
                              f"but the model has dims {dims}; load the table made for this model or run a new search")
         sha = self.model.get("weights_sha256")

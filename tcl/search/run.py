@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
-from ..compress.schedule import Schedule, ViTDims, vit_dims
+from ..compress.schedule import Schedule, ViTDims, same_dims, vit_dims
 from ..compress.table import LookupTable, build_table, mac_bin, model_info, read_log, sort_key
 from ..utils import write_json
 from .scorer import Scorer, SearchError
@@ -270,6 +270,8 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], rank: int, world: i
         old = json.loads(path.read_text())
         for part in ("config", "model", "data"):
             for k in sorted(set(old.get(part, {})) | set(settings[part])):
+                if (part, k) == ("model", "dims") and same_dims(old["model"].get("dims"), ViTDims(**settings[part][k])):
+                    continue  # a search written before ViTDims gained a field resumes
                 if old.get(part, {}).get(k) != settings[part].get(k):
                     raise SearchError(f"{out_dir} holds a search with {part}.{k} = {old.get(part, {}).get(k)!r}, not "
                                       f"{settings[part].get(k)!r}; resume with the same settings or pass a new out dir")

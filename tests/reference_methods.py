@@ -25,7 +25,8 @@ def attention(blk: torch.nn.Module, x: Tensor, size: Tensor | None) -> tuple[Ten
     if size is not None:
         logits = logits + size.log()[:, None, None, :, 0]
     attn = logits.softmax(dim=-1)
-    out = a.proj(a.norm((attn @ v).transpose(1, 2).reshape(b, n, c)))
+    h = (attn @ v).transpose(1, 2).reshape(b, n, c)
+    out = a.proj(a.norm(h) if hasattr(a, "norm") else h)  # timm < 1.0.25 has no Attention.norm
     return out, attn, k
 
 

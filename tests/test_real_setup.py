@@ -283,7 +283,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, folder, weights, capsys)
 
 
 def test_cli_error_without_traceback_in_a_real_process(tmp_path, weights):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # PYTHONWARNINGS: deprecation warnings that an older torch / timm prints at import are not tcl's output
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONWARNINGS": "ignore"}
     env.pop("TCL_DEBUG", None)
     res = subprocess.run([sys.executable, "-m", "tcl.search", *model_flags(weights), "--data", str(tmp_path / "x"),
                           "--quiet"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -43,12 +43,6 @@ RUN_KEYS = {"device", "amp", "threads", "batch_size", "quiet"}
 SEARCH_KEYS = {"config", "out", "patch", "cache_images", "max_cache_bytes"}
 
 
-def baseline(model: torch.nn.Module, kind: str, fraction: float) -> tuple[Schedule, dict[str, Any]]:
-    """(schedule, tcl.patch kwargs) of the ToMe, EViT or DiffRate-op baseline at `fraction` of the full MACs; the
-    schedule carries its method's op, so no kwargs are needed."""
-    return at_macs(model, kind, fraction), {}
-
-
 # ---- options ---------------------------------------------------------------------------------------------------
 def _model_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("model")
@@ -235,7 +229,7 @@ def run_eval(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         budget_of[f"tcl@{b:g}"] = b
         for kind in opts["baselines"]:
             try:
-                methods[f"{kind}@{b:g}"] = baseline(model, kind, f)
+                methods[f"{kind}@{b:g}"] = (at_macs(model, kind, f), {})  # the schedule carries its method's op
                 budget_of[f"{kind}@{b:g}"] = b
             except ScheduleError as e:
                 print(f"{kind} at {f:.1%} MACs skipped: {e}", file=sys.stderr)

@@ -21,7 +21,8 @@ from . import data as tdata
 from . import evaluate, models
 from .models import CheckpointError
 from .compress.schedule import Schedule, ScheduleError, at_macs, macs
-from .search.scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError
+from .compress.joint import head_importance
+from .search.scorer import MAX_CACHE_BYTES, ReferenceScorer, SearchError, joint_scorer
 from .search import SearchConfig, init_distributed, search
 from .compress.settings import PatchSettings
 from .compress.table import BudgetError, LookupTable, TableError
@@ -40,7 +41,7 @@ MODEL_KEYS = {"model", "checkpoint", "pretrained", "random_init", "model_kwargs"
 DATA_KEYS = {"data", "limit", "heldout_size", "heldout_seed", "workers", "on_bad_image", "crop_pct", "interpolation",
              "mean", "std"}
 RUN_KEYS = {"device", "amp", "threads", "batch_size", "quiet"}
-SEARCH_KEYS = {"config", "out", "patch", "cache_images", "max_cache_bytes"}
+SEARCH_KEYS = {"config", "out", "patch", "cache_images", "max_cache_bytes", "head_importance"}
 
 
 # ---- options ---------------------------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ def search_parser(prog: str = "tcl search") -> argparse.ArgumentParser:
                     "before a schedule's first reduction are skipped")
     ap.add_argument("--max-cache-bytes", type=int, help=f"bound on what the scorer keeps in memory (default "
                     f"{MAX_CACHE_BYTES} = 2 GiB): logits, images, block inputs; the rest is streamed")
+    ap.add_argument("--head-importance", choices=["fisher", "michel"], help="with --heads joint / only: the "
+                    "all-classes head ranking computed on the search split (default fisher)")
     for f in dataclasses.fields(SearchConfig):
         kind = json.loads if f.name == "targets" else str if f.name in ("method", "subset_dtype") else type(f.default)
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind)
@@ -174,10 +177,15 @@ def run_search(argv: Sequence[str] | None = None, prog: str = "tcl search") -> L
     if _amp(opts):
         info["amp"] = _amp(opts)
     cfg = SearchConfig(**{k: v for k, v in opts.items() if k in fields})
-    scorer = ReferenceScorer(model, ds, batch_size=opts.get("batch_size", 1000), info=info,
-                             cache_images=opts.get("cache_images", 512),
-                             max_cache_bytes=opts.get("max_cache_bytes", MAX_CACHE_BYTES),
-                             workers=opts.get("workers", 0), amp=_amp(opts), **opts.get("patch", {}))
+    kw = dict(batch_size=opts.get("batch_size", 1000), info=info, cache_images=opts.get("cache_images", 512),
+              max_cache_bytes=opts.get("max_cache_bytes", MAX_CACHE_BYTES), workers=opts.get("workers", 0), amp=_amp(opts))
+    if cfg.heads == "none":
+        scorer = ReferenceScorer(model, ds, **kw, **opts.get("patch", {}))
+    else:  # heads ranked once on the search split, recorded in the table
+        method = opts.get("head_importance", "fisher")
+        imp = head_importance(model, ds, method, min(kw["batch_size"], 128), amp=_amp(opts),
+                              progress=not opts.get("quiet") and rank == 0)
+        scorer = joint_scorer(model, ds, imp, method, **kw, **opts.get("patch", {}))
     out = opts.get("out") or f"runs/search_{cfg.method}_{cfg.candidates}_seed{cfg.seed}"
     t0 = time.perf_counter()
     table = search(model, scorer, cfg, out, progress=not opts.get("quiet"))
@@ -272,7 +280,8 @@ def run_table(argv: Sequence[str] | None = None) -> LookupTable:
     print(f"{'id':>6} {'kind':<12}{'GMACs':>8}{'of full':>9}" + "".join(f"{k:>9}" for k in scores) + "  merge")
     for r in t.rows():
         print(f"{r['id']!s:>6} {r['kind']!s:<12}{r['macs'] / 1e9:>8.3f}{r['fraction']:>9.1%}"
-              + "".join(f"{r[k]:>9.4f}" for k in scores) + f"  {r['merge']}")
+              + "".join(f"{r[k]:>9.4f}" for k in scores) + f"  {r['merge']}"
+              + (f"  heads {r['heads']}" if r["heads"] else ""))
     return t
 
 

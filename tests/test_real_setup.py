@@ -229,6 +229,33 @@ def test_cli_search_eval_and_table_end_to_end(folder, weights, tmp_path, capsys,
     assert code == 0 and "data folder" in text and len(text.splitlines()) == 2 + len(table.entries)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_cli_joint_search_and_eval(folder, weights, tmp_path, capsys, device):
+    out = tmp_path / "joint"
+    code, text, err = run_cli(["search", *model_flags(weights), "--data", str(folder), "--heldout-size", "12",
+                               "--candidates", "30", "--subset", "8", "--topk", "1", "--threads", "1", "--batch-size",
+                               "8", "--out", str(out), "--quiet", "--device", device, "--heads", "joint",
+                               "--head-importance", "michel", "--min-fraction", "0.4"], capsys)
+    assert code == 0, err
+    table = LookupTable.load(out / "table.json", small_model(weights))
+    assert table.data["head_importance"]["method"] == "michel" and any(e["schedule"].get("heads") for e in table.entries)
+    b = next(e for e in table.entries if e["schedule"].get("heads"))["fraction"] + 1e-9
+    code, text, err = run_cli(["eval", *model_flags(weights), "--data", str(folder), "--table", str(out / "table.json"),
+                               "--budgets", str(b), "--runs", "1", "--batch-size", "8", "--threads", "1", "--device",
+                               device, "--quiet", "--baselines", "tome", "--json", str(tmp_path / "eval.json")], capsys)
+    assert code == 0, err
+    row = next(r for r in json.loads((tmp_path / "eval.json").read_text()) if r["method"].startswith("tcl@"))
+    m = small_model(weights).to(device)
+    s = table.select(b)
+    assert s.heads is not None and row["macs"] == macs(m, s)
+    __import__("tcl").patch(m, s)  # the obvious call: heads removed, tokens reduced
+    assert [blk.attn.num_heads for blk in m.blocks] == s.kept_heads(2)
+    ds, _ = data.split(folder, "val", m)
+    assert row["accuracy"] == pytest.approx(evaluate.accuracy(m, ds, progress=False))
+    code, text, _ = run_cli(["table", str(out / "table.json")], capsys)
+    assert code == 0 and "heads [" in text
+
+
 def test_cli_search_deit_tiny_at_224(tmp_path, capsys):
     folder = make_folder(tmp_path / "f", train=4, val=1, classes=2)
     code, text, err = run_cli(["search", "--model", "deit_tiny_patch16_224", "--random-init", "--model-kwargs",

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ..vit import attention, require_vit
+from ..vit import require_vit
 from . import tokens
+from .attention import _PLAIN_ATTENTION, _TCL_ATTENTION, TclAttention, TclPrunedAttention, prune_heads_in_place  # noqa: F401
 from .schedule import Schedule, ScheduleError, vit_dims
 from .settings import Fuse, MergeKind, Order, PatchSettings, SettingsError, Similarity
 
@@ -58,26 +58,6 @@ def _steps(cfg: PatchConfig, n_in: int, p: int, m: int) -> tuple[tuple[str, int]
     if cfg.order == "prune_merge":
         return ("prune", p), ("merge", m)
     return ("merge", n_in - (p - m)), ("prune", m)
-
-
-class TclAttention(Attention):
-    """timm Attention plus `forward_tcl`, which is timm's forward with log(size) added to the logits as a float
-    mask of the same fused attention (proportional attention), also returning the class-token attention row and
-    the keys as a matching metric when asked; `forward` itself is timm's, unchanged."""
-
-    def forward_tcl(self, x: Tensor, size: Tensor | None, readers: int, want_cls: bool,
-                    keys_as: Similarity | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(output, class attention [B, H, N] or None, matching metric or None: head-summed keys [B, N, head_dim]
-        for keys_as='keys', per-head unit keys concatenated [B, N, H * head_dim] for 'head_keys')."""
-        bias = None if size is None else tokens.size_bias(size)
-        out, q, k = attention(self, x, bias)
-        cls = tokens.cls_attention(q, k, self.scale, readers, size) if want_cls else None
-        keys = None
-        if keys_as == "keys":
-            keys = tokens.head_sum(k.transpose(1, 2))
-        elif keys_as == "head_keys":
-            keys = F.normalize(k, dim=-1).transpose(1, 2).flatten(2)
-        return out, cls, keys
 
 
 class TclBlock(Block):
@@ -226,7 +206,8 @@ def _check_defined(model: VisionTransformer, st: PatchSettings, prefix: int) -> 
 def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind | None = None, fuse: Fuse | bool | None = None,
           prop_attn: bool | None = None, similarity: Similarity | None = None, order: Order | None = None,
           trace_source: bool = False, override: bool = False) -> nn.Module:
-    """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it.
+    """Make a timm VisionTransformer reduce tokens by `schedule` in place (re-patching replaces); returns it. A
+    schedule with kept heads also swaps in those heads' attention (picked by its head_order; tcl.unpatch restores).
 
     The op is the schedule's carried settings, else tcl.settings.PatchSettings' defaults, with the given keywords
     applied; a keyword that contradicts carried settings raises SettingsError unless override=True."""
@@ -237,10 +218,10 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind | None = Non
         raise ScheduleError(f"expected a tcl.Schedule, got {type(schedule).__name__}; build one with tcl.Schedule(...)")
     st = PatchSettings(**given) if schedule.settings is None else schedule.settings.resolve(given, override)
     for i, blk in enumerate(model.blocks):
-        if type(blk) not in (Block, TclBlock) or type(blk.attn) not in (Attention, TclAttention):
+        if type(blk) not in (Block, TclBlock) or type(blk.attn) not in (*_TCL_ATTENTION, *_PLAIN_ATTENTION):
             raise TypeError(f"block {i} is {type(blk).__name__} with {type(blk.attn).__name__}; tcl.patch supports "
-                            "timm's standard Block and Attention (pre-norm ViT/DeiT), "
-                            "not parallel/post-norm/RoPE blocks")
+                            "timm's standard Block and Attention (pre-norm ViT/DeiT; heads pruned by "
+                            "tcl.heads.prune_heads), not parallel/post-norm/RoPE blocks")
     dims = vit_dims(model)
     schedule.check(dims)
     _check_defined(model, st, dims.prefix)
@@ -249,13 +230,14 @@ def patch(model: nn.Module, schedule: Schedule, *, merge: MergeKind | None = Non
                       dims.prefix - getattr(model, "num_reg_tokens", 0), model.cls_token is not None, distill)
     _check_steps(schedule, cfg, dims.tokens)
     unpatch(model)
+    own = prune_heads_in_place(model, schedule, dims.attn_heads) if schedule.heads is not None else {}
     info: dict[str, Any] = {"schedule": schedule, "settings": st, "config": cfg, "size": None, "source": None,
-                            "vit_class": type(model)}
+                            "vit_class": type(model), "own_attention": own}
     model.__class__ = _patched_vit_class(type(model))
     model._tcl_info = info
     n = dims.tokens
     for i, (blk, p, m) in enumerate(zip(model.blocks, schedule.prune, schedule.merge)):
-        blk.__class__, blk.attn.__class__ = TclBlock, TclAttention
+        blk.__class__, blk.attn.__class__ = TclBlock, _TCL_ATTENTION.get(type(blk.attn), type(blk.attn))
         blk._tcl_info, blk._tcl_step = info, (i, n, p, m)
         n = m
     return model
@@ -268,8 +250,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         return model
     model.__class__ = info["vit_class"]
     del model._tcl_info
-    for blk in model.blocks:
-        blk.__class__, blk.attn.__class__ = Block, Attention
+    for i, blk in enumerate(model.blocks):
+        blk.__class__, blk.attn.__class__ = Block, _PLAIN_ATTENTION.get(type(blk.attn), type(blk.attn))
+        if i in info["own_attention"]:  # heads the patch removed come back
+            blk.attn = info["own_attention"][i]
         del blk._tcl_info, blk._tcl_step
     return model
 
@@ -316,11 +300,10 @@ def extra_macs(model: nn.Module) -> int:
     """Matmul MACs per image a patched model adds to tcl.macs: class-attention rows and merge similarities."""
     info = _info(model)
     cfg: PatchConfig = info["config"]
-    attn = model.blocks[0].attn
-    heads, qk_dim = attn.num_heads, attn.num_heads * attn.head_dim
-    metric_dim = {"keys": attn.head_dim, "head_keys": qk_dim}.get(cfg.similarity, model.embed_dim)
     total, n = 0, vit_dims(model).tokens
-    for p, m in zip(info["schedule"].prune, info["schedule"].merge):
+    for blk, p, m in zip(model.blocks, info["schedule"].prune, info["schedule"].merge):
+        heads, qk_dim = blk.attn.num_heads, blk.attn.num_heads * blk.attn.head_dim  # heads may be pruned per block
+        metric_dim = {"keys": blk.attn.head_dim, "head_keys": qk_dim}.get(cfg.similarity, model.embed_dim)
         if p < n or (m < p and cfg.merge in ("attention", "diffrate")):
             total += max(cfg.readers, 1) * n * qk_dim * heads  # class-attention rows (block-diagonal GEMM, H x)
         if m < p:

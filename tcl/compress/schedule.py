@@ -1,7 +1,6 @@
 """Schedules: per-block kept-token counts after prune and after merge, their validation, JSON and analytic MACs."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -9,8 +8,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..vit import require_vit
 from . import tokens
+from .dims import ViTDims, same_dims, vit_dims  # noqa: F401 (re-exported: tcl.compress.schedule.vit_dims)
 from .settings import PatchSettings, SettingsError
 
 
@@ -19,65 +18,30 @@ class ScheduleError(ValueError):
 
 
 @dataclass(frozen=True)
-class ViTDims:
-    """What the MACs formula and schedules need to know about a timm VisionTransformer."""
-
-    tokens: int  # incoming tokens at block 0 (patches + prefix tokens)
-    prefix: int  # protected tokens (CLS, distillation, registers); never removed
-    dim: int
-    hidden: int  # MLP hidden width of each block
-    depth: int
-    classes: int
-    patch_macs: int
-    heads: int = 1  # classifier heads (2 for DeiT's distilled models)
-    head_dim: int = 0  # width of one attention head (0: unknown; per-block head counts then cannot be costed)
-    gate: bool = False  # attention has timm's sigmoid output gate
-
-    @property
-    def min_tokens(self) -> int:
-        """The fewest tokens a block may keep: the protected ones, and at least one."""
-        return max(self.prefix, 1)
-
-
-def same_dims(recorded: dict[str, Any], dims: ViTDims) -> bool:
-    """Whether dims recorded by a table or search (as a dict) describe this architecture; fields added to ViTDims
-    after the record was written are not compared (the record predates them)."""
-    current = dataclasses.asdict(dims)
-    return isinstance(recorded, dict) and bool(recorded) and all(current.get(k) == v for k, v in recorded.items())
-
-
-def vit_dims(model: "torch.nn.Module | ViTDims") -> ViTDims:
-    """Read token count, width, depth, etc. off a timm VisionTransformer (raises TypeError otherwise)."""
-    if isinstance(model, ViTDims):
-        return model
-    pe = require_vit(model).patch_embed
-    n = pe.num_patches
-    k = math.prod(pe.proj.weight.shape[1:])
-    return ViTDims(tokens=n + model.num_prefix_tokens, prefix=model.num_prefix_tokens, dim=model.embed_dim,
-                   hidden=model.blocks[0].mlp.fc1.out_features, depth=len(model.blocks),
-                   classes=model.num_classes, patch_macs=n * model.embed_dim * k,
-                   heads=1 + isinstance(getattr(model, "head_dist", None), torch.nn.Linear),
-                   head_dim=int(model.blocks[0].attn.head_dim), gate=getattr(model.blocks[0].attn, "gate", None) is not None)
-
-
-@dataclass(frozen=True)
 class Schedule:
-    """Kept tokens per block after its prune step and after its merge step (prefix tokens included), and the patch
-    settings it belongs to (None: tcl.patch's keyword arguments and defaults apply). Equality compares the counts."""
+    """Kept tokens per block after its prune step and after its merge step (prefix tokens included), optionally kept
+    attention heads per block (None: all) with the head ranking that picks them (head_order: per block the head
+    indices, most important first), and the patch settings it belongs to (None: tcl.patch's keyword arguments and
+    defaults apply). Equality compares the counts (tokens and heads)."""
 
     prune: tuple[int, ...]
     merge: tuple[int, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     settings: PatchSettings | None = field(default=None, compare=False)
+    heads: tuple[int | None, ...] | None = None
+    head_order: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False)
 
     def __init__(self, prune: Sequence[int], merge: Sequence[int], meta: dict[str, Any] | None = None,
-                 settings: PatchSettings | None = None):
+                 settings: PatchSettings | None = None, heads: Sequence[int | None] | None = None,
+                 head_order: Sequence[Sequence[int]] | None = None):
         if len(prune) != len(merge):
             raise ScheduleError(f"prune has {len(prune)} entries but merge has {len(merge)}; give one count per block to each")
         if not all(isinstance(v, (int,)) or (hasattr(v, "__index__")) for v in [*prune, *merge]):
             raise ScheduleError("kept-token counts must be integers")
         object.__setattr__(self, "prune", tuple(int(v) for v in prune))
         object.__setattr__(self, "merge", tuple(int(v) for v in merge))
+        object.__setattr__(self, "heads", _heads(heads, len(self.prune)))
+        object.__setattr__(self, "head_order", _head_order(head_order, len(self.prune)))
         object.__setattr__(self, "meta", dict(meta or {}))
         if settings is not None and not isinstance(settings, PatchSettings):
             raise ScheduleError(f"settings must be a tcl.settings.PatchSettings, got {type(settings).__name__}")
@@ -94,7 +58,28 @@ class Schedule:
 
     def with_settings(self, settings: PatchSettings | None) -> "Schedule":
         """The same counts and meta carrying other patch settings (None: carry nothing)."""
-        return Schedule(self.prune, self.merge, self.meta, settings)
+        return Schedule(self.prune, self.merge, self.meta, settings, self.heads, self.head_order)
+
+    def with_heads(self, heads: Sequence[int | None] | None,
+                   head_order: Sequence[Sequence[int]] | None = None) -> "Schedule":
+        """The same token counts, meta and settings with other kept-head counts (None: all) and head ranking
+        (None: keep this schedule's)."""
+        return Schedule(self.prune, self.merge, self.meta, self.settings, heads,
+                        self.head_order if head_order is None else head_order)
+
+    def kept_heads(self, attn_heads: int) -> list[int]:
+        """Heads kept in each block of a model with attn_heads heads per block."""
+        return [attn_heads if h is None else h for h in (self.heads or [None] * len(self))]
+
+    def kept_head_indices(self, attn_heads: int) -> list[list[int]]:
+        """Per block the sorted indices of the kept heads: the first kept_heads of head_order."""
+        counts = self.kept_heads(attn_heads)
+        if any(h < attn_heads for h in counts) and self.head_order is None:
+            raise ScheduleError("this schedule removes attention heads but carries no head ranking: select it from "
+                                "the joint search's table (table.select), or attach one with "
+                                "schedule.with_heads(schedule.heads, tcl.compress.joint.head_order(importance))")
+        return [list(range(attn_heads)) if h == attn_heads else sorted(self.head_order[i][:h])  # type: ignore[index]
+                for i, h in enumerate(counts)]
 
     # ---- constructors -------------------------------------------------------------------------------------
     @classmethod
@@ -156,7 +141,26 @@ class Schedule:
         if self.merge and self.merge[-1] < d.min_tokens:
             raise ScheduleError(f"schedule keeps {self.merge[-1]} tokens but the model has {d.prefix} protected "
                                 f"tokens; keep at least {d.min_tokens} in every block")
+        if self.heads is not None or self.head_order is not None:
+            self._check_heads(d)
         return self
+
+    def _check_heads(self, d: ViTDims) -> None:
+        if d.attn_heads < 1:
+            raise ScheduleError("this schedule keeps per-block heads but the model's head width is unknown; pass the "
+                                "model (or tcl.schedule.vit_dims(model)) rather than hand-made ViTDims")
+        if self.head_order is not None and any(sorted(o) != list(range(d.attn_heads)) for o in self.head_order):
+            raise ScheduleError(f"head_order must rank all {d.attn_heads} heads of every block (a permutation of "
+                                f"0..{d.attn_heads - 1}); build it with tcl.compress.joint.head_order(importance)")
+        n = d.tokens
+        for i, (h, m) in enumerate(zip(self.kept_heads(d.attn_heads), self.merge)):
+            if h > d.attn_heads:
+                raise ScheduleError(f"block {i} keeps {h} heads but the model has {d.attn_heads}; keep at most "
+                                    f"{d.attn_heads}")
+            if h == 0 and m < n:
+                raise ScheduleError(f"block {i} keeps no heads but removes tokens, which are ranked by its attention; "
+                                    "keep at least one head in a block that prunes or merges")
+            n = m
 
     def ratios(self, tokens: int) -> dict[str, list[float]]:
         """Per-block prune and merge rates (fraction of incoming tokens removed by each step)."""
@@ -169,8 +173,12 @@ class Schedule:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (with "settings" when it carries any)."""
-        d = {"prune": list(self.prune), "merge": list(self.merge), "meta": self.meta}
+        """A JSON-able dict (with "settings", "heads" and "head_order" when it carries them)."""
+        d: dict[str, Any] = {"prune": list(self.prune), "merge": list(self.merge), "meta": self.meta}
+        if self.heads is not None:
+            d["heads"] = list(self.heads)
+        if self.head_order is not None:
+            d["head_order"] = [list(o) for o in self.head_order]
         return d if self.settings is None else {**d, "settings": self.settings.to_dict()}
 
     @classmethod
@@ -180,7 +188,8 @@ class Schedule:
             raise ScheduleError(f"a schedule is a dict with 'prune' and 'merge' lists, got {str(d)[:100]}")
         settings = d.get("settings")
         try:
-            return cls(d["prune"], d["merge"], d.get("meta"), None if settings is None else PatchSettings.from_dict(settings))
+            return cls(d["prune"], d["merge"], d.get("meta"), None if settings is None else PatchSettings.from_dict(settings),
+                       d.get("heads"), d.get("head_order"))
         except SettingsError as err:
             raise ScheduleError(f"schedule settings are malformed ({err}); write schedules with Schedule.to_dict") from err
 
@@ -195,6 +204,31 @@ class Schedule:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise ScheduleError(f"schedule JSON is malformed ({e}); write it with Schedule.to_json") from e
+
+
+def _heads(heads: Sequence[int | None] | None, depth: int) -> tuple[int | None, ...] | None:
+    """Validated per-block kept-head counts (None when every block keeps all its heads)."""
+    if heads is None:
+        return None
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Sequence) or len(heads) != depth:
+        raise ScheduleError(f"heads must list one kept-head count (or None: all) per block, {depth} in all; got {heads!r}")
+    if not all(h is None or (not isinstance(h, bool) and hasattr(h, "__index__") and int(h) >= 0) for h in heads):
+        raise ScheduleError(f"kept-head counts must be integers >= 0 or None (all heads), got {list(heads)}")
+    out = tuple(None if h is None else int(h) for h in heads)
+    return None if all(h is None for h in out) else out
+
+
+def _head_order(order: Sequence[Sequence[int]] | None, depth: int) -> tuple[tuple[int, ...], ...] | None:
+    """Validated per-block head rankings."""
+    if order is None:
+        return None
+    try:
+        out = tuple(tuple(int(j) for j in o) for o in order)
+    except (TypeError, ValueError) as err:
+        raise ScheduleError(f"head_order must list head indices per block ({err})") from err
+    if len(out) != depth:
+        raise ScheduleError(f"head_order must rank the heads of each of the {depth} blocks, got {len(out)}")
+    return out
 
 
 def _tome_r(depth: int, r: float | tuple[float, float] | Sequence[int]) -> list[int]:
@@ -229,9 +263,13 @@ def count_macs(d: ViTDims, kept: Sequence[int], heads: Sequence[int] | None = No
 
 def macs(model: torch.nn.Module | ViTDims, schedule: Schedule | None = None, heads: Sequence[int] | None = None) -> int:
     """Analytic MACs per image (DiffRate convention) of the model under a schedule (None = uncompressed), with
-    per-block head counts `heads` (None = the model's own widths)."""
+    the schedule's per-block head counts or `heads` (None = the model's own widths)."""
     d = model if isinstance(model, ViTDims) else vit_dims(model)
     s = schedule.check(d) if schedule is not None else Schedule([d.tokens] * d.depth, [d.tokens] * d.depth)
+    if s.heads is not None:
+        if heads is not None:
+            raise ScheduleError("the schedule keeps its own heads per block; do not pass heads as well")
+        heads = s.kept_heads(d.attn_heads)
     return count_macs(d, s.merge, heads)
 
 

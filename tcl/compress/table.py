@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .joint import head_order
 from .schedule import Schedule, ScheduleError, macs, same_dims, vit_dims
 from .settings import PatchSettings, SettingsError
 from ..utils import write_json
@@ -71,6 +72,7 @@ class LookupTable:
     search: dict[str, Any] = field(default_factory=dict)
     score: str = "acc"
     settings: PatchSettings | None = None
+    latency: dict[str, Any] | None = None  # a tcl.compress.latency.LatencyModel's dict; entries then carry "latency_ms"
 
     def __post_init__(self) -> None:
         if not self.entries:
@@ -105,9 +107,37 @@ class LookupTable:
             raise BudgetError(f"budget must be positive, got {value}")
         return int(fraction * self.full_macs) if fraction is not None else int(gmacs * 1e9)  # type: ignore[operator]
 
-    def entry(self, budget: float | None = None, *, fraction: float | None = None,
-              gmacs: float | None = None) -> dict[str, Any]:
-        """The best-scoring entry whose MACs fit the budget (see budget_macs); raises BudgetError if none fits."""
+    def with_latency(self, latency: Any) -> "LookupTable":
+        """This table with a tcl.compress.latency.LatencyModel attached: each entry gets its predicted "latency_ms"."""
+        entries = [{**e, "latency_ms": latency.predict(Schedule.from_dict(e["schedule"]))} for e in self.entries]
+        return dataclasses.replace(self, entries=entries, latency=latency.to_dict())
+
+    def _by_latency(self, latency_ms: float, setting: dict[str, Any]) -> dict[str, Any]:
+        from .latency import LatencyModel
+
+        if self.latency is None:
+            raise BudgetError("this table has no latency model; attach one with table.with_latency("
+                              "tcl.compress.latency.calibrate(model, batch_size=..., dtype=...))")
+        LatencyModel.from_dict(self.latency).check(**setting)
+        if not latency_ms > 0:
+            raise BudgetError(f"latency_ms must be positive, got {latency_ms}")
+        fits = [e for e in self.entries if e["latency_ms"] <= latency_ms]
+        if not fits:
+            raise BudgetError(f"no schedule in the table is predicted within {latency_ms:.4g} ms per image; the "
+                              f"fastest is {min(e['latency_ms'] for e in self.entries):.4g} ms: pass at least that")
+        return min(fits, key=lambda e: (sort_key(self.score, e["scores"][self.score]), e["latency_ms"]))
+
+    def entry(self, budget: float | None = None, *, fraction: float | None = None, gmacs: float | None = None,
+              latency_ms: float | None = None, **setting: Any) -> dict[str, Any]:
+        """The best-scoring entry whose MACs fit the budget (see budget_macs), or whose predicted latency fits
+        latency_ms (ms per image; setting: device / batch_size / dtype / threads, refused unless the attached latency
+        model was measured for them); raises BudgetError if none fits."""
+        if latency_ms is not None:
+            if budget is not None or fraction is not None or gmacs is not None:
+                raise BudgetError("give a MACs budget or latency_ms, not both")
+            return self._by_latency(latency_ms, setting)
+        if setting:
+            raise BudgetError(f"{sorted(setting)} apply only with latency_ms")
         limit = self.budget_macs(budget, fraction=fraction, gmacs=gmacs)
         fits = [e for e in self.entries if e["macs"] <= limit]
         if not fits:
@@ -118,18 +148,24 @@ class LookupTable:
                 "budget at least that large, or search again with a lower min_fraction")
         return min(fits, key=lambda e: (sort_key(self.score, e["scores"][self.score]), e["macs"]))
 
-    def select(self, budget: float | None = None, *, fraction: float | None = None,
-               gmacs: float | None = None) -> Schedule:
-        """The best schedule within budget: select(0.6) = 60% of full MACs, select(gmacs=2.9); use with tcl.patch."""
-        e = self.entry(budget, fraction=fraction, gmacs=gmacs)
+    def select(self, budget: float | None = None, *, fraction: float | None = None, gmacs: float | None = None,
+               latency_ms: float | None = None, **setting: Any) -> Schedule:
+        """The best schedule within budget: select(0.6) = 60% of full MACs, select(gmacs=2.9), or
+        select(latency_ms=0.2, batch_size=256) by the attached latency model; use with tcl.patch. It carries the
+        table's patch settings and, when it keeps fewer heads, the head ranking its search recorded."""
+        e = self.entry(budget, fraction=fraction, gmacs=gmacs, latency_ms=latency_ms, **setting)
         s = Schedule.from_dict(e["schedule"])
+        rec = self.data.get("head_importance")
+        order = s.head_order if s.heads is None or rec is None else head_order(rec["scores"])
         return Schedule(s.prune, s.merge, {**s.meta, "kind": e.get("kind"), "macs": e["macs"], "scores": e["scores"]},
-                        self.settings)
+                        self.settings, s.heads, order)
 
     def rows(self) -> list[dict[str, Any]]:
-        """One flat dict per entry (macs, fraction, scores, prune, merge): ready for pandas.DataFrame."""
-        return [{"id": e.get("id"), "kind": e.get("kind"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs, **e["scores"],
-                 "prune": e["schedule"]["prune"], "merge": e["schedule"]["merge"]} for e in self.entries]
+        """One flat dict per entry (macs, fraction, scores, prune, merge, heads): ready for pandas.DataFrame."""
+        return [{"id": e.get("id"), "kind": e.get("kind"), "macs": e["macs"], "fraction": e["macs"] / self.full_macs,
+                 **e["scores"], "prune": e["schedule"]["prune"], "merge": e["schedule"]["merge"],
+                 "heads": e["schedule"].get("heads"), **({"latency_ms": e["latency_ms"]} if "latency_ms" in e else {})}
+                for e in self.entries]
 
     @classmethod
     def combine(cls, tables: Sequence["LookupTable"]) -> "LookupTable":
@@ -165,9 +201,10 @@ class LookupTable:
 
     def to_dict(self) -> dict[str, Any]:
         """The versioned JSON-able form."""
-        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model": self.model, "data": self.data,
-                "search": self.search, "score": self.score,
-                "settings": None if self.settings is None else self.settings.to_dict(), "entries": self.entries}
+        d = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "model": self.model, "data": self.data,
+             "search": self.search, "score": self.score,
+             "settings": None if self.settings is None else self.settings.to_dict(), "entries": self.entries}
+        return d if self.latency is None else {**d, "latency": self.latency}
 
     @classmethod
     def from_dict(cls, d: Any, model: torch.nn.Module | None = None) -> "LookupTable":
@@ -196,7 +233,7 @@ class LookupTable:
         except SettingsError as err:
             raise TableError(f"lookup table holds malformed patch settings ({err}); re-create it with tcl.search") from err
         table = cls(entries=d["entries"], model=d["model"], data=data, search=d.get("search", {}), score=d["score"],
-                    settings=settings)
+                    settings=settings, latency=d.get("latency"))
         return table.check(model) if model is not None else table
 
     def save(self, path: str | os.PathLike) -> Path:

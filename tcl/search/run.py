@@ -52,6 +52,9 @@ class SearchConfig:
     #   "auto": bfloat16 only where the device has native bf16 and a timing of a few subset evaluations finds it faster
     targets: list[float] | None = None  # evolve: spend the rounds on the window [b - bin_width, b) below each budget b
     #   (fractions of full MACs) and re-score on the whole split only those windows (topk per window)
+    heads: Literal["none", "joint", "only"] = "none"  # also sample kept heads per block ('joint': with the token
+    #   rates under one MACs budget; 'only': heads alone); score with tcl.search.joint_scorer. Evolve children may
+    #   change one block's head count by one
 
     def __post_init__(self) -> None:
         if self.method not in ("random", "evolve"):
@@ -60,6 +63,10 @@ class SearchConfig:
             raise SearchError(f"need 0 < min_fraction < max_fraction <= 1, got {self.min_fraction}, {self.max_fraction}")
         if self.subset_dtype not in ("float32", "bfloat16", "auto"):
             raise SearchError(f"subset_dtype must be 'float32', 'bfloat16' or 'auto', got {self.subset_dtype!r}")
+        if self.heads not in ("none", "joint", "only"):
+            raise SearchError(f"heads must be 'none', 'joint' or 'only', got {self.heads!r}")
+        if self.heads == "only" and self.method != "random":
+            raise SearchError("heads='only' samples head counts alone: use method='random'")
         if self.candidates < 1 or self.subset < 1 or self.topk < 1:
             raise SearchError("candidates, subset and topk must be >= 1")
         if self.targets is not None:
@@ -187,8 +194,11 @@ class _Run:
             s = make(i)
             with torch.autocast(device, dtype=torch.bfloat16) if low else contextlib.nullcontext():
                 scores = self.scorer(s, n)
-            rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge), "kind": s.meta.get("kind"),
-                   "schedule": {"prune": list(s.prune), "merge": list(s.merge)}, "scores": scores}
+            sched: dict[str, Any] = {"prune": list(s.prune), "merge": list(s.merge)}
+            if s.heads is not None:
+                sched["heads"] = list(s.heads)
+            rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge, s.heads), "kind": s.meta.get("kind"),
+                   "schedule": sched, "scores": scores}
             self.log.append(rec)
             new.append(rec)
         self.evaluated += len(new)
@@ -207,11 +217,12 @@ class _Run:
     def anchors(self) -> dict[int, Schedule]:
         """The anchor schedules by id (-2, -3, ...; -1 is the uncompressed model), or none if cfg.anchors is off."""
         c = self.cfg
-        return {-2 - k: s for k, s in enumerate(anchor_schedules(self.d, c.min_fraction, c.max_fraction))} if c.anchors else {}
+        on = c.anchors and c.heads != "only"  # token-only anchors lie outside a heads-only space
+        return {-2 - k: s for k, s in enumerate(anchor_schedules(self.d, c.min_fraction, c.max_fraction))} if on else {}
 
     def sample(self, i: int) -> Schedule:
         c = self.cfg
-        return sample_schedule(self.d, c.seed, i, c.min_fraction, c.max_fraction, c.max_merge)
+        return sample_schedule(self.d, c.seed, i, c.min_fraction, c.max_fraction, c.max_merge, c.heads)
 
     def children(self, start: int, stop: int, round_: int) -> dict[int, Schedule]:
         """Evolve round: for a random target bin, mutate one of the `elite` Pareto-front candidates nearest to it in
@@ -224,7 +235,7 @@ class _Run:
             if sort_key(c.rank_by, r["scores"][c.rank_by]) < best:
                 front.append(r)
                 best = sort_key(c.rank_by, r["scores"][c.rank_by])
-        seen = {(tuple(r["schedule"]["prune"]), tuple(r["schedule"]["merge"])) for r in pop}
+        seen = {Schedule.from_dict(r["schedule"]) for r in pop}
         lo, hi = int(c.min_fraction / c.bin_width), max(int(math.ceil(c.max_fraction / c.bin_width)) - 1, 0)
         out = {}
         for i in range(start, stop):
@@ -236,10 +247,10 @@ class _Run:
             parent, other = (Schedule.from_dict(near[int(k)]["schedule"]) for k in rng.integers(0, len(near), 2))
             for _ in range(10):
                 child = mutate_schedule(self.d, parent, rng, target, c.sigma, c.max_merge, {"kind": "evolve", "id": i},
-                                        other)
-                if (child.prune, child.merge) not in seen:
+                                        other, c.heads == "joint")
+                if child not in seen:
                     break
-            seen.add((child.prune, child.merge))
+            seen.add(child)
             out[i] = child
         return out
 
@@ -256,7 +267,8 @@ class _Run:
         keep = [r for rs in by_bin.values()
                 for r in sorted(rs, key=lambda r: (sort_key(c.rank_by, r["scores"][c.rank_by]), r["id"]))[:c.topk]]
         full = Schedule([self.d.tokens] * self.d.depth, [self.d.tokens] * self.d.depth, {"kind": "full"})
-        return {-1: full, **{r["id"]: Schedule(r["schedule"]["prune"], r["schedule"]["merge"], {"kind": r.get("kind")})
+        return {-1: full, **{r["id"]: Schedule(r["schedule"]["prune"], r["schedule"]["merge"], {"kind": r.get("kind")},
+                                               heads=r["schedule"].get("heads"))
                              for r in sorted(keep, key=lambda r: r["id"])}}
 
 
@@ -294,6 +306,9 @@ def search(model: torch.nn.Module, scorer: Scorer, config: SearchConfig | None =
            out_dir: str | os.PathLike | None = None, progress: bool = True) -> LookupTable:
     """Run (or resume) a search; writes out_dir/log.<rank>.jsonl and out_dir/table.json (rank 0); returns the table."""
     cfg = config or SearchConfig()
+    if cfg.heads != "none" and getattr(scorer, "head_order", None) is None:
+        raise SearchError(f"heads={cfg.heads!r} needs a scorer that ranks heads: tcl.search.joint_scorer(model, split, "
+                          "tcl.compress.joint.head_importance(model, split))")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from a DataLoader at every evaluation, so a folder dataset is never held whole i
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ class ReferenceScorer:
     def __init__(self, model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor],
                  apply: Apply | None = None, batch_size: int = 1000, order_seed: int = 0, cache_images: int = 512,
                  info: dict[str, Any] | None = None, max_cache_bytes: int = MAX_CACHE_BYTES, workers: int = 0,
-                 amp: str | None = None, **patch_kwargs: Any):
+                 amp: str | None = None, head_order: Sequence[Sequence[int]] | None = None, **patch_kwargs: Any):
         if is_patched(model):
             raise SearchError("the model is patched; call tcl.unpatch(model) first (scores compare against the "
                               "uncompressed model's predictions)")
@@ -95,6 +95,7 @@ class ReferenceScorer:
         self.model, self.batch_size, self.amp, self.workers = model.eval(), batch_size, amp, workers
         self.device, self.dims = device_of(model), vit_dims(model)
         self.apply = apply if apply is not None else patched(**patch_kwargs)
+        self.head_order = None if head_order is None else [list(o) for o in head_order]  # ranks a schedule's heads
         # the op every schedule is scored with (what the search's table carries); unknown for a custom apply
         self.settings = PatchSettings.from_dict(patch_kwargs) if apply is None else None
         shape = first_shape(ds)
@@ -189,8 +190,10 @@ class ReferenceScorer:
         return torch.cat(out)
 
     def _start(self, s: Schedule) -> int:
-        """The first block that removes tokens (the ones before it equal the uncompressed model's)."""
-        return next((i for i, m in enumerate(s.merge) if m < self.dims.tokens), len(s))
+        """The first block that removes tokens or heads (the ones before it equal the uncompressed model's)."""
+        heads = s.kept_heads(self.dims.attn_heads)
+        return next((i for i, (m, h) in enumerate(zip(s.merge, heads)) if m < self.dims.tokens
+                     or h < self.dims.attn_heads), len(s))
 
     def _cache_agrees(self) -> bool:
         d, k = self.dims, self.dims.depth // 2
@@ -213,6 +216,8 @@ class ReferenceScorer:
     def per_image(self, schedule: Schedule, n: int | None = None) -> dict[str, torch.Tensor]:
         """Per-image kl, agree and acc ([n] CPU tensors) of the model compressed by schedule on the first n images."""
         n = self.size if n is None else min(n, self.size)
+        if schedule.heads is not None and self.head_order is not None:
+            schedule = schedule.with_heads(schedule.heads, self.head_order)
         start = self._start(schedule)
         if start == len(schedule):
             return self._per_image(self.ref[:n], n)
@@ -222,3 +227,18 @@ class ReferenceScorer:
     def __call__(self, schedule: Schedule, n: int | None = None) -> dict[str, float]:
         """Scores of the model compressed by schedule on the first n images (all when None)."""
         return _means(self.per_image(schedule, n))
+
+
+def joint_scorer(model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, torch.Tensor], importance: torch.Tensor,
+                 method: str = "fisher", info: dict[str, Any] | None = None, **kwargs: Any) -> ReferenceScorer:
+    """A ReferenceScorer of schedules with kept heads, ranked by `importance` [blocks, heads] (recorded in its info,
+    so the search's table carries it); kwargs are ReferenceScorer's and tcl.patch's keywords."""
+    from ..compress.joint import head_order
+
+    d = vit_dims(model)
+    imp = torch.as_tensor(importance, dtype=torch.float32).cpu()
+    if tuple(imp.shape) != (d.depth, d.attn_heads):
+        raise SearchError(f"head importance must be [blocks, heads] = [{d.depth}, {d.attn_heads}], got "
+                          f"{list(imp.shape)}; compute it with tcl.compress.joint.head_importance(model, split)")
+    info = {**(info or {}), "head_importance": {"method": method, "scores": imp.tolist()}}
+    return ReferenceScorer(model, data, info=info, head_order=head_order(imp), **kwargs)

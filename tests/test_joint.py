@@ -234,3 +234,18 @@ def test_joint_mutation_moves_one_head_count_and_evolve_runs(tmp_path) -> None:
     logged = search.read_log(tmp_path / "evo")
     assert sum(st == "subset" for st, _ in logged) == 16
     assert all(r["macs"] == tcl.macs(m, Schedule.from_dict(r["schedule"])) for r in logged.values())
+
+
+def test_joint_search_resumes_on_the_same_head_ranking_only(tmp_path) -> None:
+    m = tiny()
+    x, y = data(16)
+    imp = joint.head_importance(m, (x, y), batch_size=16)
+    cfg = search.SearchConfig(candidates=6, subset=8, topk=1, bin_width=0.1, min_fraction=0.5, heads="joint",
+                              anchors=False)
+    search.search(m, search.joint_scorer(m, (x, y), imp, batch_size=16), cfg, tmp_path / "s", progress=False)
+    same_rank = imp * (1 + 1e-6)  # other rounding, same order
+    search.search(m, search.joint_scorer(m, (x, y), same_rank, batch_size=16), cfg, tmp_path / "s", progress=False)
+    flipped = imp.clone()
+    flipped[0] = imp[0].flip(0)
+    with pytest.raises(search.SearchError, match="head_importance"):
+        search.search(m, search.joint_scorer(m, (x, y), flipped, batch_size=16), cfg, tmp_path / "s", progress=False)

@@ -276,6 +276,10 @@ def _settings(cfg: SearchConfig, model: dict[str, Any], data: dict[str, Any]) ->
     return {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "candidates"}, "model": model, "data": data}
 
 
+def _ranking(rec: Any) -> Any:
+    return (rec.get("method"), rec.get("order")) if isinstance(rec, dict) and "order" in rec else rec
+
+
 def _check_settings(out_dir: Path, settings: dict[str, Any], rank: int, world: int) -> None:
     path = out_dir / "settings.json"
     if path.exists():
@@ -284,6 +288,8 @@ def _check_settings(out_dir: Path, settings: dict[str, Any], rank: int, world: i
             for k in sorted(set(old.get(part, {})) | set(settings[part])):
                 if (part, k) == ("model", "dims") and same_dims(old["model"].get("dims"), ViTDims(**settings[part][k])):
                     continue  # a search written before ViTDims gained a field resumes
+                if (part, k) == ("data", "head_importance") and _ranking(old["data"].get(k)) == _ranking(settings[part][k]):
+                    continue  # the same head ranking (scores may differ in rounding, e.g. with other thread counts)
                 if old.get(part, {}).get(k) != settings[part].get(k):
                     raise SearchError(f"{out_dir} holds a search with {part}.{k} = {old.get(part, {}).get(k)!r}, not "
                                       f"{settings[part].get(k)!r}; resume with the same settings or pass a new out dir")

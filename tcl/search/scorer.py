@@ -240,5 +240,6 @@ def joint_scorer(model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, tor
     if tuple(imp.shape) != (d.depth, d.attn_heads):
         raise SearchError(f"head importance must be [blocks, heads] = [{d.depth}, {d.attn_heads}], got "
                           f"{list(imp.shape)}; compute it with tcl.compress.joint.head_importance(model, split)")
-    info = {**(info or {}), "head_importance": {"method": method, "scores": imp.tolist()}}
-    return ReferenceScorer(model, data, info=info, head_order=head_order(imp), **kwargs)
+    order = head_order(imp)
+    info = {**(info or {}), "head_importance": {"method": method, "scores": imp.tolist(), "order": order}}
+    return ReferenceScorer(model, data, info=info, head_order=order, **kwargs)

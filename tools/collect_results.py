@@ -27,7 +27,9 @@ COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_basel
           "search_diffrate/table.json": "search_diffrate_table.json",
           **{f"03_ablations/{n}.json": f"ablations_{n}.json"
              for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random", "selection")},
-          **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")}}
+          **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")},
+          "05_joint_latency/picks.json": "joint_picks.json", "05_joint_latency/latency.json": "latency_model.json",
+          "05_joint_latency/latency_vs_macs.json": "latency_vs_macs.json"}
 
 
 def load(name: str) -> Any:
@@ -194,6 +196,7 @@ def sections() -> list[str]:
                            "union of heads (%)": pct(c["union_of_heads"]), "union heads kept": c["union_heads_kept"],
                            "original restricted to S (%)": pct(c["original_restricted"])} for c in comp])
         out.append("**Composed classifiers** (|S|-way test accuracy):\n\n" + md(d))
+    out += joint_sections()
     base = load("baselines.json")
     if base:
         d = pd.DataFrame(base)
@@ -203,6 +206,43 @@ def sections() -> list[str]:
         p = d.pivot_table(index="family", columns="budget", values="cell", aggfunc="first").reset_index()
         out.append("**Baselines at matched MACs** (`notebooks/01_baselines`, CONFIG=full; test acc % (wall-clock "
                    "speedup)):\n\n" + md(p))
+    return out
+
+
+def joint_sections() -> list[str]:
+    """Notebook 05: tokens / heads / joint picks per MACs budget; the latency model; latency vs MACs budget."""
+    out = []
+    picks = load("joint_picks.json")
+    if picks:
+        d = pd.DataFrame(picks["picks"])
+        d["cell"] = [f"{pct(a)} @ {100 * f:.1f} %" for a, f in zip(d.test_acc, d.fraction)]
+        p = d.pivot_table(index="budget", columns="mode", values="cell", aggfunc="first").reindex(
+            columns=[m for m in ("tokens", "heads", "joint") if m in set(d["mode"])]).fillna("not reachable")
+        p.insert(0, "budget", [f"{100 * b:.0f}%" for b in p.index])
+        best = d.pivot_table(index="budget", columns="mode", values="test_acc", aggfunc="first")
+        if "joint" in best:
+            others = best.drop(columns="joint").max(axis=1)
+            p["joint - best other (pt)"] = [f"{100 * (j - o):+.2f}" for j, o in zip(best["joint"], others)]
+        ev = picks.get("evaluations", {})
+        out.append(f"**Joint token + head compression** (`notebooks/05_joint_latency`, CONFIG=full; one random search "
+                   f"per space, {', '.join(f'{m} {n:,}' for m, n in ev.items())} subset evaluations; heads ranked by "
+                   "all-classes Fisher importance on the held-out split and removed physically; test acc % @ MACs "
+                   f"fraction; uncompressed {pct(picks['uncompressed_test_acc'])} %):\n\n" + md(p.reset_index(drop=True)))
+    lat, cmp = load("latency_model.json"), load("latency_vs_macs.json")
+    if lat:
+        e, c = lat["error"], lat["context"]
+        out.append(f"**Latency model** ({c['device']} {c['device_name']}, {c['threads']} thread(s), {c['dtype']}, batch "
+                   f"{c['batch_size']}; fit on {len(e['measurements']) - e['held_out']} random schedules): median "
+                   f"relative error on {e['held_out']} held-out schedules **{100 * e['median_rel']:.1f} %** (max "
+                   f"{100 * e['max_rel']:.1f} %; on the fit set {100 * e['fit_median_rel']:.1f} %); load average while "
+                   f"measuring {' / '.join(e.get('loadavg', []))}.")
+    if cmp:
+        d = pd.DataFrame([{"pick": r["pick"], "MACs": f"{100 * r['macs_fraction']:.1f} %",
+                           "predicted ms/img": f"{r['predicted_ms']:.3f}", "measured ms/img": f"{r['measured_ms']:.3f}",
+                           "speedup": f"{r['speedup']:.2f}x", "test acc (%)": pct(r["test_acc"])} for r in cmp["rows"]])
+        out.append(f"**Latency budget vs MACs budget** (target {cmp['target_ms']:.3f} ms/img = {100 * cmp['latency_target']:.0f} % of the uncompressed "
+                   f"model's predicted latency; the MACs budget {100 * cmp['macs_budget']:.0f} % is the one whose pick "
+                   "is predicted nearest it; both from the joint search, timed side by side):\n\n" + md(d))
     return out
 
 

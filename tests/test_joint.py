@@ -3,6 +3,7 @@ removing heads physically (and unpatch restoring them), all-classes head importa
 and its table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -178,8 +179,8 @@ def test_joint_search_table_and_patch(tmp_path, mode: str) -> None:
     x, y = data(32)
     imp = joint.head_importance(m, (x, y), batch_size=16)
     sc = search.joint_scorer(m, (x, y), imp, batch_size=32, merge="bipartite")
-    cfg = search.SearchConfig(candidates=10, subset=8, topk=1, bin_width=0.1, min_fraction=0.5, heads=mode,  # type: ignore[arg-type]
-                              max_merge=0.5)
+    cfg = search.SearchConfig(candidates=30, subset=8, topk=1, bin_width=0.05, min_fraction=0.5, heads=mode,  # type: ignore[arg-type]
+                              max_merge=0.5, anchors=False)
     table = search.search(m, sc, cfg, tmp_path / mode, progress=False)
     d = vit_dims(m)
     for i in range(10):
@@ -189,8 +190,9 @@ def test_joint_search_table_and_patch(tmp_path, mode: str) -> None:
             assert s.merge == (17,) * 3 and s.heads is not None
     assert any(e["schedule"].get("heads") for e in table.entries)
     loaded = tcl.table.LookupTable.load(tmp_path / mode / "table.json", m)
-    e = next(e for e in loaded.entries if e["schedule"].get("heads"))
-    s = loaded.select(gmacs=e["macs"] / 1e9)
+    heads_only = dataclasses.replace(loaded, entries=[e for e in loaded.entries if e["schedule"].get("heads")])
+    e = heads_only.entries[-1]
+    s = heads_only.select(gmacs=e["macs"] / 1e9)
     assert s.heads is not None and s.settings is not None and s.settings.merge == "bipartite"
     assert torch.equal(joint.importance_of(loaded), imp)
     with torch.inference_mode():  # the obvious call: the table's pick patched onto the model
@@ -249,3 +251,10 @@ def test_joint_search_resumes_on_the_same_head_ranking_only(tmp_path) -> None:
     flipped[0] = imp[0].flip(0)
     with pytest.raises(search.SearchError, match="head_importance"):
         search.search(m, search.joint_scorer(m, (x, y), flipped, batch_size=16), cfg, tmp_path / "s", progress=False)
+
+
+def test_joint_sampler_writes_all_heads_as_a_token_only_schedule() -> None:
+    d = vit_dims(tiny())
+    samples = [search.sample_schedule(d, 0, i, 0.5, 1.0, 1.0, "joint") for i in range(40)]
+    assert any(s.heads is None for s in samples) and any(s.heads is not None for s in samples)
+    assert all(s.heads is None or min(s.kept_heads(4)) < 4 for s in samples)

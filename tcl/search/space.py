@@ -77,6 +77,8 @@ def fit_rates(d: ViTDims, shape: Sequence[float], target_macs: float, max_merge:
     """Scale removal rates alpha*shape (clipped to [0,1]) so the schedule's MACs (with the given kept heads, default
     all) come closest to target_macs."""
     shape = [max(float(r), 0.0) for r in shape]
+    if heads is not None and all(h is None or h == d.attn_heads for h in heads):
+        heads = None  # every head kept: a token-only schedule
     full = Schedule(*_counts(d, [0.0] * len(shape), max_merge), meta, heads=heads)
     if not any(shape) or _macs(d, full.merge, heads) <= target_macs:
         return full

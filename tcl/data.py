@@ -210,6 +210,9 @@ def split(data: str | os.PathLike, which: Which, model: torch.nn.Module | None =
     mask = np.zeros(len(train), dtype=bool)
     mask[held] = True
     idx = np.flatnonzero(mask if which == "search" else ~mask)
+    if not len(idx):
+        raise DataError(f"all {len(train)} images of {root / 'train'} are in the held-out search split, none is left "
+                        f"for the train split; pass a heldout_size below {len(train)} (--heldout-size)")
     info = {**info, "split": "heldout" if which == "search" else "train", "train_images": len(train),
             "heldout_size": int(mask.sum()), "heldout_seed": heldout_seed}
     return FolderImages([train[i] for i in idx], classes, transform, on_bad_image), info

@@ -1,6 +1,7 @@
 """Figure helpers shared by the notebooks."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -147,13 +148,14 @@ def heatmaps(named: dict[str, Any], title: str = "") -> plt.Figure:
 
 
 def bars(records: Sequence[dict[str, Any]], x: str, y: str, hue: str, ylabel: str | None = None) -> plt.Figure:
-    """Grouped bar chart: one group per `x` value, one bar per `hue` value."""
+    """Grouped bar chart: one group per `x` value, one bar per `hue` value (NaN values, e.g. an undefined correlation,
+    get no bar)."""
     import pandas as pd
     import seaborn as sns
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
     sns.barplot(pd.DataFrame(records), x=x, y=y, hue=hue, ax=ax)
-    lo = min(r[y] for r in records)
+    lo = min((float(r[y]) for r in records if math.isfinite(float(r[y]))), default=0.0)  # NaN: undefined, no bar
     ax.set(ylabel=ylabel or y, ylim=(lo - 0.1 * abs(lo) - 1, None))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")

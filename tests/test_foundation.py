@@ -180,3 +180,12 @@ def test_run_dir_moves_run_outputs_under_tcl_runs(monkeypatch, tmp_path) -> None
     path = write_json(run_dir("../runs/x/m.json"), {"a": 1})
     assert path == tmp_path / "x" / "m.json" and path.read_text() == '{\n  "a": 1\n}\n'
     assert not list(path.parent.glob(".*.tmp"))  # the atomic write leaves no temp file
+
+
+def test_bar_chart_leaves_out_undefined_values(tmp_path) -> None:
+    from tcl import plots
+
+    rows = [{"subset": 8, "score": "kl", "rho": float("nan")}, {"subset": 8, "score": "acc", "rho": -0.5}]
+    fig = plots.bars(rows, "subset", "rho", "score")  # a Spearman of constant scores is NaN
+    assert fig.axes[0].get_ylim()[0] == pytest.approx(-0.5 - 0.05 - 1)
+    assert plots.save(plots.bars(rows[:1], "subset", "rho", "score"), "nan_only", tmp_path).exists()

@@ -311,6 +311,20 @@ def test_bad_input_raises_clear_errors() -> None:
         heads.decompose_class(model, batch(), 1, 4, "magic", progress=False)  # type: ignore[arg-type]
 
 
+def test_keep_is_a_count_or_a_fraction_of_all_heads() -> None:
+    assert heads.keep_count((8, 4), 16) == 16 and heads.keep_count((8, 4), 0.5) == 16
+    assert heads.keep_count((12, 3), 0.5) == 18 and heads.keep_count((12, 6), 1.0) == 72
+    assert heads.keep_count((2, 4), 0.3) == 2  # 2.4 rounds to 2
+    with pytest.raises(heads.HeadsError, match=r"keep=1.5 is neither a head count \(pass an int"):
+        heads.keep_count((8, 4), 1.5)
+    with pytest.raises(heads.HeadsError, match="keep=0.1 of the 32 heads is 3: .*between 8 and 32"):
+        heads.keep_count((8, 4), 0.1)
+    with pytest.raises(heads.HeadsError, match="keep=40 heads is infeasible"):
+        heads.keep_count((8, 4), 40)
+    with pytest.raises(heads.HeadsError, match="head count"):
+        heads.keep_count((8, 4), True)
+
+
 def test_module_latency_is_measured_on_both_models() -> None:
     model = tiny()
     mod = heads.decompose_class(model, batch(), 0, 4, "random", progress=False)

@@ -118,6 +118,10 @@ def test_classes_default_to_a_few_and_unknown_classes_fail(tmp_path: Path) -> No
     with pytest.raises(heads.HeadsError, match="no class_to_idx"):
         heads.class_importance(model, (x, y), ["cat"], "taylor", progress=False)
     assert heads.resolve_classes(folder, ["dog", 0]) == [2, 0]
+    named = TensorDataset(x, y)
+    named.classes = [f"c{k}" for k in range(12)]  # what tcl.data.split gives (folder names, a built-in's names)
+    assert heads.resolve_classes(named, ["c7", 1]) == [7, 1]
+    assert heads.resolve_classes(torch.utils.data.Subset(named, [0, 1]), ["c11"]) == [11]
 
 
 def test_amp_bf16_runs_and_fp16_gradients_are_refused() -> None:

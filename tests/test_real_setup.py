@@ -126,6 +126,10 @@ def test_folder_errors_name_the_fix(tmp_path, folder):
     assert len(labels) == 5 and labels.tolist().count(1) == 1
     with pytest.raises(data.DataError, match=r"gives 1x28x28 images but the model takes 3x32x32"):
         data.check_input(m, (1, 28, 28))
+    small = make_folder(tmp_path / "small", train=2, val=1)  # 6 train images: the default held-out split takes all
+    assert len(data.split(small, "search", m)[0]) == 6 and len(data.split(small, "train", m, heldout_size=4)[0]) == 2
+    with pytest.raises(data.DataError, match="all 6 images of .*train are in the held-out .* heldout_size below 6"):
+        data.split(small, "train", m)
 
 
 # ---------------------------------------------------------------- models

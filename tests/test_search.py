@@ -162,6 +162,19 @@ def test_budget_curve_reports_scores_per_budget(tmp_path):
     assert all(r["fraction"] <= r["budget"] for r in rows)
 
 
+def test_replaying_a_search_made_for_another_model_is_refused(tmp_path):
+    m, deeper = tiny(), tiny(depth=4)
+    x, y = torch.randn(40, 1, 16, 16), torch.randint(0, 10, (40,))
+    search.search(m, search.ReferenceScorer(m, (x, y)), SearchConfig(candidates=20, subset=16), tmp_path, progress=False)
+    with pytest.raises(SearchError, match="made for VisionTransformer with dims .*'depth': 3.*replay a search made for"):
+        search.budget_curve(deeper, Synthetic(deeper), tmp_path, budgets=(0.8,), evaluations=(20,), progress=False)
+    with pytest.raises(SearchError, match="'depth': 3"):
+        search.selection_check(search.ReferenceScorer(deeper, (x, y)), tmp_path, budgets=(0.8,), splits=1, progress=False)
+    with pytest.warns(UserWarning, match="weights differ"):
+        search.budget_curve(tiny(seed=1), Synthetic(m), tmp_path, budgets=(0.8,), evaluations=(20,), window=20,
+                            progress=False)
+
+
 # ---------------------------------------------------------------- table
 def test_table_errors_name_the_fix(tmp_path):
     m = tiny()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from ..stream import Data, dataset_of, tensor_pair
+from ..stream import Data, dataset_of
 from .gates import HeadsError, Target
 
 __all__ = ['DEFAULT_CLASSES', 'check_target', 'log_odds', 'balance_weights', 'vs_rest_loss', 'tensors', 'balanced_batch', 'resolve_classes', 'default_classes', 'balanced_indices', 'two_logits', 'top1_in']
@@ -79,13 +79,16 @@ def balanced_batch(pos_idx: torch.Tensor, neg_idx: torch.Tensor, batch_size: int
 
 
 def resolve_classes(data: Data | None, classes: Sequence[int | str]) -> list[int]:
-    """Class indices for classes given as indices or as folder names of data's ImageFolder (`class_to_idx`)."""
+    """Class indices for classes given as indices or as names of data's classes (an ImageFolder's `class_to_idx`, or
+    the `classes` list of a dataset from tcl.data.split)."""
     names: dict[str, int] | None = None
-    if data is not None and tensor_pair(data) is None:
+    if data is not None and not isinstance(data, tuple):
         ds = dataset_of(data)
         while isinstance(ds, Subset):
             ds = ds.dataset
         names = getattr(ds, "class_to_idx", None)
+        if names is None and getattr(ds, "classes", None):  # tcl.data.split's datasets: a list of names, by index
+            names = {str(c): k for k, c in enumerate(ds.classes)}  # type: ignore[attr-defined]
     out = []
     for c in classes:
         if isinstance(c, str):
@@ -93,7 +96,7 @@ def resolve_classes(data: Data | None, classes: Sequence[int | str]) -> list[int
                 known = sorted(names or {})
                 raise HeadsError(f"unknown class {c!r}; " + (f"this data's classes are {known[:8]}"
                                  f"{' ...' if len(known) > 8 else ''} ({len(known)} in all)" if known else
-                                 "name classes by index (the data has no class_to_idx)"))
+                                 "name classes by index (the data has no class_to_idx or classes)"))
             out.append(names[c])
         else:
             out.append(int(c))

@@ -1,6 +1,7 @@
 """Step 2: gradient-reset (ResRep-style) training of the gates, with its forgetting schedule and kept-head masks."""
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from .gates import HeadsError, Target, gate_params, gates, insert_gates, num_hea
 from .importance import gated_importance
 from .objective import balance_weights, balanced_batch, check_target, log_odds, vs_rest_loss
 
-__all__ = ['ResetConfig', 'penalty_grad', 'forgotten_at', 'check_keep', 'keep_mask', 'reset_step', 'reset_train', 'train_gates']
+__all__ = ['ResetConfig', 'penalty_grad', 'forgotten_at', 'check_keep', 'keep_count', 'keep_mask', 'reset_step', 'reset_train', 'train_gates']
 
 
 Penalty = Literal["sign", "unit", "l2"]
@@ -86,6 +87,24 @@ def check_keep(shape: tuple[int, int], keep: int, allow_empty_blocks: bool = Fal
                          f"{blocks * heads}" + ("" if allow_empty_blocks else " (>= 1 per block; pass "
                                                 "allow_empty_blocks=True to drop whole attention branches)"))
     return keep
+
+
+def keep_count(shape: tuple[int, int], keep: int | float, allow_empty_blocks: bool = False) -> int:
+    """The kept-head count of a [blocks, heads] model for keep given as a count (an int) or as a fraction of all heads
+    (a float in (0, 1], rounded to the nearest count), validated by check_keep."""
+    total = shape[0] * shape[1]
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise HeadsError(f"keep must be a head count (int) or a fraction of the {total} heads (float), got {keep!r}")
+    if not isinstance(keep, numbers.Integral):
+        if not 0 < keep <= 1:
+            raise HeadsError(f"keep={keep} is neither a head count (pass an int, e.g. {total // 2}) nor a fraction "
+                             f"in (0, 1] of the model's {shape[0]} blocks x {shape[1]} heads = {total} heads")
+        count = max(int(keep * total + 0.5), 1)
+        try:
+            return check_keep(shape, count, allow_empty_blocks)
+        except HeadsError as e:
+            raise HeadsError(f"keep={keep} of the {total} heads is {count}: {e}") from None
+    return check_keep(shape, int(keep), allow_empty_blocks)
 
 
 def keep_mask(scores: torch.Tensor, keep: int, allow_empty_blocks: bool = False,

@@ -1,22 +1,42 @@
 """Replay analyses of a finished search log: budget curves, selection optimism, evaluations to match."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..compress.schedule import Schedule, macs, vit_dims
-from ..compress.table import BudgetError, better, mac_bin, read_log, sort_key
+from ..compress.schedule import Schedule, macs, same_dims, vit_dims
+from ..compress.table import BudgetError, better, mac_bin, read_log, sort_key, weights_sha256
 from .run import SearchConfig, _Run
 from ..utils import autocast
 from .scorer import ReferenceScorer, Scorer, SearchError
 from .space import fit_rates
 
 __all__ = ["budget_curve", "selection_check", "evaluations_to_match", "monotone_check"]
+
+
+def _logged_settings(out_dir: str | os.PathLike, model: torch.nn.Module) -> dict[str, Any]:
+    """The settings.json of the search logged in out_dir, checked to be made for model's architecture (SearchError
+    otherwise; other weights of the same architecture: a warning, their logged scores may not carry over)."""
+    path = Path(out_dir) / "settings.json"
+    if not path.exists():
+        raise SearchError(f"{Path(out_dir)} holds no search (settings.json missing); run tcl.search.search there first")
+    settings = json.loads(path.read_text())
+    rec = settings.get("model", {})
+    if "dims" in rec and not same_dims(rec["dims"], vit_dims(model)):
+        raise SearchError(f"{Path(out_dir)} holds a search made for {rec.get('name')} with dims {rec['dims']}, but the "
+                          f"model has dims {dataclasses.asdict(vit_dims(model))}; replay a search made for this model "
+                          "(run the search with the same model first)")
+    if rec.get("weights_sha256") not in (None, weights_sha256(model)):
+        warnings.warn(f"the model's weights differ from the ones the search in {Path(out_dir)} was made with; its logged "
+                      "scores may not carry over (search again for these weights)", stacklevel=3)
+    return settings
 
 
 def _under(rec: dict[str, Any], full: int, width: float, budget: float, window: int) -> bool:
@@ -34,9 +54,7 @@ def budget_curve(model: torch.nn.Module, scorer: Scorer, out_dir: str | os.PathL
     overrides (e.g. rank_by="agree", topk=1) replace the search's own settings for this selection only.
     """
     out = Path(out_dir)
-    if not (out / "settings.json").exists():
-        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
-    cfg = SearchConfig(**{**json.loads((out / "settings.json").read_text())["config"], **overrides})
+    cfg = SearchConfig(**{**_logged_settings(out, model)["config"], **overrides})
     run = _Run(vit_dims(model), scorer, cfg, out, progress)
     rows, w = [], cfg.bin_width
     try:
@@ -68,9 +86,7 @@ def selection_check(scorer: ReferenceScorer, out_dir: str | os.PathLike,
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    if not (out / "settings.json").exists():
-        raise SearchError(f"{out} holds no search (settings.json missing); run tcl.search.search there first")
-    w = json.loads((out / "settings.json").read_text())["config"]["bin_width"]
+    w = _logged_settings(out, scorer.model)["config"]["bin_width"]
     full = macs(scorer.dims)
     fin = sorted((r for (st, i), r in read_log(out).items() if st == "full" and i != -1
                   and any(_under(r, full, w, b, window) for b in budgets)), key=lambda r: r["id"])

@@ -101,6 +101,9 @@ def create(name: str, checkpoint: str | os.PathLike | None = None, pretrained: b
     import timm
 
     if name in NAMED:
+        if kwargs or pretrained is not None:
+            raise CheckpointError(f"{name!r} is a named model with its own architecture and weights; timm kwargs / "
+                                  "pretrained= apply to timm models (pass checkpoint= for other weights)")
         return NAMED[name](checkpoint)
     if checkpoint is not None and pretrained is not None:
         raise CheckpointError("pass either checkpoint= (a local weights file) or pretrained=, not both")

@@ -327,3 +327,10 @@ def test_cli_error_without_traceback_in_a_real_process(tmp_path, weights):
                           "--quiet"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "is not a folder" in res.stderr
+
+
+def test_named_models_refuse_timm_kwargs():
+    with pytest.raises(models.CheckpointError, match="named model"):
+        models.create("reference", num_classes=3)
+    with pytest.raises(models.CheckpointError, match="named model"):
+        models.create("reference", pretrained=False)

@@ -29,7 +29,8 @@ COPIES = {"00_reference_model/metrics.json": "reference_metrics.json", "01_basel
              for n in ("design", "monotone", "subset", "candidates", "evolve_vs_random", "selection")},
           **{f"04_head_modules/{n}.json": f"heads_{n}.json" for n in ("modules", "scorers", "composition")},
           "05_joint_latency/picks.json": "joint_picks.json", "05_joint_latency/latency.json": "latency_model.json",
-          "05_joint_latency/latency_vs_macs.json": "latency_vs_macs.json"}
+          "05_joint_latency/latency_vs_macs.json": "latency_vs_macs.json",
+          "05_joint_latency/latency_vs_macs_measured.json": "latency_vs_macs_measured.json"}
 
 
 def load(name: str) -> Any:
@@ -243,6 +244,16 @@ def joint_sections() -> list[str]:
         out.append(f"**Latency budget vs MACs budget** (target {cmp['target_ms']:.3f} ms/img = {100 * cmp['latency_target']:.0f} % of the uncompressed "
                    f"model's predicted latency; the MACs budget {100 * cmp['macs_budget']:.0f} % is the one whose pick "
                    "is predicted nearest it; both from the joint search, timed side by side):\n\n" + md(d))
+    eq = load("latency_vs_macs_measured.json")
+    if eq:
+        d = pd.DataFrame([{"pick": r["pick"], "MACs": f"{100 * r['macs_fraction']:.1f} %",
+                           "measured ms/img": f"{r['measured_ms']:.3f}", "test acc (%)": pct(r["test_acc"])}
+                          for r in eq["rows"]])
+        m = eq.get("match")
+        note = (f"the most accurate MACs pick measured no slower than the latency pick: {m['pick']} "
+                f"({pct(m['test_acc'])} %)" if m else "no MACs pick was measured as fast as the latency pick")
+        out.append("**At equal measured latency** (MACs-budget picks around that budget, timed round-robin with the "
+                   f"latency pick; {note}):\n\n" + md(d))
     return out
 
 

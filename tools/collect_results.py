@@ -252,6 +252,12 @@ def joint_sections() -> list[str]:
         m = eq.get("match")
         note = (f"the most accurate MACs pick measured no slower than the latency pick: {m['pick']} "
                 f"({pct(m['test_acc'])} %)" if m else "no MACs pick was measured as fast as the latency pick")
+        same = [(r, c) for r in eq["rows"] for c in (cmp or {}).get("rows", [])
+                if r["pick"] != "latency budget" and c["pick"] == "MACs budget" and r["macs_fraction"] == c["macs_fraction"]]
+        if same:  # one schedule timed in both runs: how far single round-robin timings move between runs
+            r, c = same[0]
+            note += (f"; the MACs-budget pick above measured {c['measured_ms']:.3f} ms there and {r['measured_ms']:.3f} "
+                     "ms here, so timings of one run are comparable only within that run")
         out.append("**At equal measured latency** (MACs-budget picks around that budget, timed round-robin with the "
                    f"latency pick; {note}):\n\n" + md(d))
     return out

@@ -2,14 +2,16 @@
 
 1. exactness: the patched forward with the full (empty) schedule equals the unpatched one on the device in float32
    (max |diff| <= 1e-5), and an exact ToMe schedule gives the same logits on the device as on the CPU
-   (within --tome-atol; TF32 off for this part);
+   (within --tome-atol; TF32 off for this part), and so does a joint schedule (ToMe + half of every block's heads);
 2. throughput at --batch (256) under --amp (bf16) autocast, CUDA-synchronized, median of --runs: uncompressed, ToMe
-   r=13 and a fixed pruned+merged example (tcl.schedule.at_macs(model, "unified", 2.9 / 4.6): DiffRate's DeiT-S budget);
+   r=13, a fixed pruned+merged example (tcl.schedule.at_macs(model, "unified", 2.9 / 4.6): DiffRate's DeiT-S budget),
+   DiffRate's op there, and ToMe r=8 with half the heads removed;
 3. search: wall time of a --candidates (1,000) candidate tcl.search.search with a ReferenceScorer over
-   --search-images random images held on the device.
+   --search-images random images held on the device;
+4. latency: tcl.compress.latency.calibrate on the device (--batch, --amp's dtype), its error on held-out schedules.
 
 Prints a JSON summary (also written to --out). Exits with a message when the device is CUDA and there is none;
-`--device cpu --candidates 5 --batch 8 --search-images 16` is a CPU smoke run of the same code.
+`--device cpu --candidates 5 --batch 8 --search-images 16 --latency-schedules 6` is a CPU smoke run of the same code.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tcl  # noqa: E402
-from tcl.compress.schedule import Schedule, at_macs, macs  # noqa: E402
+from tcl.compress import latency  # noqa: E402
+from tcl.compress.schedule import Schedule, at_macs, macs, vit_dims  # noqa: E402
 from tcl.utils import write_json  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,12 +55,23 @@ def exactness(name: str, device: torch.device, batch: int, tome_r: float, tome_a
         s = Schedule.tome(model, tome_r)
         cpu = tcl.patch(copy.deepcopy(model), s)(x)
         gpu = tcl.patch(copy.deepcopy(dev_model), s)(x.to(device)).cpu()
+        j = joint_schedule(model, tome_r)  # ToMe plus half the heads of every block removed
+        jcpu = tcl.patch(copy.deepcopy(model), j)(x)
+        jgpu = tcl.patch(copy.deepcopy(dev_model), j)(x.to(device)).cpu()
     full_diff = float((full - plain).abs().max())
     tome_diff = float((gpu - cpu).abs().max())
+    joint_diff = float((jgpu - jcpu).abs().max())
     return {"full_schedule_max_abs_diff": full_diff, "full_schedule_ok": full_diff <= 1e-5,
             "tome_r": tome_r, "tome_device_vs_cpu_max_abs_diff": tome_diff, "tome_atol": tome_atol,
             "tome_top1_agreement": float((gpu.argmax(-1) == cpu.argmax(-1)).float().mean()),
-            "tome_ok": tome_diff <= tome_atol, "images": batch}
+            "tome_ok": tome_diff <= tome_atol, "joint_device_vs_cpu_max_abs_diff": joint_diff,
+            "joint_ok": joint_diff <= tome_atol, "images": batch}
+
+
+def joint_schedule(model: torch.nn.Module, r: float) -> Schedule:
+    """ToMe with r per block plus half of every block's heads removed (the first half by index)."""
+    h = vit_dims(model).attn_heads
+    return Schedule.tome(model, r).with_heads([max(h // 2, 1)] * len(model.blocks), [list(range(h))] * len(model.blocks))
 
 
 def random_model(name: str) -> torch.nn.Module:
@@ -76,6 +90,7 @@ def throughput(name: str, device: torch.device, batch: int, amp: str | None, run
         "tome_r13": (Schedule.tome(base, 13), {}),  # carries ToMe's op
         "pruned_merged": (at_macs(base, "unified", 2.9 / 4.6), {"merge": "attention"}),  # DiffRate DeiT-S 2.9 of 4.6 G
         "diffrate_op": (at_macs(base, "diffrate", 2.9 / 4.6), {}),
+        "joint_tome8_half_heads": (joint_schedule(base, 8), {}),
     }
     models = {k: base if s is None else tcl.patch(copy.deepcopy(base), s, **kw) for k, (s, kw) in methods.items()}
     x = torch.randn(batch, *base.pretrained_cfg["input_size"], device=device)
@@ -144,14 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--candidates", type=int, default=1000)
     ap.add_argument("--search-images", type=int, default=1024)
     ap.add_argument("--subset", type=int, default=256)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["exactness", "throughput", "search"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["exactness", "throughput", "search", "latency"])
+    ap.add_argument("--latency-schedules", type=int, default=60, help="latency model: fit schedules (+ half as many held out)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu_check" / "summary.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False). Run it on a machine with "
                          "one; for a CPU smoke run of the same code: python tools/gpu_check.py --device cpu "
-                         "--candidates 5 --batch 8 --search-images 16 --runs 2 --warmup 1")
+                         "--candidates 5 --batch 8 --search-images 16 --runs 2 --warmup 1 --latency-schedules 6")
     torch.manual_seed(0)
     summary: dict[str, Any] = {"device": str(device), "model": args.model, "weights": "random (pretrained=False)",
                                "torch": torch.__version__, "timm": __import__("timm").__version__,
@@ -165,11 +181,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                            args.runs, args.warmup)
     if "search" not in args.skip:
         summary["search"] = search_time(args.model, device, args.candidates, args.search_images, args.subset)
+    if "latency" not in args.skip:  # the per-block latency model on this device, its error on held-out schedules
+        lat = latency.calibrate(random_model(args.model).to(device), batch_size=args.batch, runs=3,
+                                dtype={"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[args.amp],
+                                schedules=args.latency_schedules, held_out=args.latency_schedules // 2)
+        summary["latency"] = {k: v for k, v in lat.error.items() if k != "measurements"} | {"context": lat.context}
     summary["wall_s"] = time.perf_counter() - t0
     write_json(args.out, summary)
     print(json.dumps(summary, indent=2, default=str))
     ex = summary.get("exactness", {})
-    if ex and not (ex["full_schedule_ok"] and ex["tome_ok"]):
+    if ex and not (ex["full_schedule_ok"] and ex["tome_ok"] and ex["joint_ok"]):
         raise SystemExit("gpu-check: exactness FAILED (see the summary above)")
     return summary
 

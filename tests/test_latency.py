@@ -146,3 +146,9 @@ def test_latency_table_from_a_search_log(tmp_path) -> None:
     pick = t.select(latency_ms=fast * 1.0001)
     assert pick.meta["macs"] == min(t.entries, key=lambda e: e["latency_ms"])["macs"]
     assert pick.heads is None or pick.head_order is not None
+
+
+def test_dtype_of_names_the_recorded_dtype_of_an_amp_setting() -> None:
+    assert [latency.dtype_of(a) for a in (None, "off", "bf16", "fp16")] == ["float32", "float32", "bfloat16", "float16"]
+    with pytest.raises(LatencyError, match="amp must be"):
+        latency.dtype_of("int8")

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary["search"] = search_time(args.model, device, args.candidates, args.search_images, args.subset)
     if "latency" not in args.skip:  # the per-block latency model on this device, its error on held-out schedules
         lat = latency.calibrate(random_model(args.model).to(device), batch_size=args.batch, runs=3,
-                                dtype={"bf16": "bfloat16", "fp16": "float16", "off": "float32"}[args.amp],
+                                dtype=latency.dtype_of(args.amp),
                                 schedules=args.latency_schedules, held_out=args.latency_schedules // 2)
         summary["latency"] = {k: v for k, v in lat.error.items() if k != "measurements"} | {"context": lat.context}
     summary["wall_s"] = time.perf_counter() - t0

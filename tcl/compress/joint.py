@@ -26,7 +26,7 @@ from .schedule import Schedule, ScheduleError, vit_dims
 Importance = Literal["fisher", "michel"]
 FORMAT = "tcl.joint_model"
 
-__all__ = ["head_importance", "head_order", "importance_of", "build", "save", "load", "FORMAT"]
+__all__ = ["head_importance", "head_order", "check_importance", "importance_of", "build", "save", "load", "FORMAT"]
 
 
 def head_importance(model: nn.Module, data: Data, method: Importance = "fisher", batch_size: int = 128,
@@ -66,6 +66,15 @@ def head_order(importance: torch.Tensor | Sequence[Sequence[float]]) -> list[lis
     return [sorted(range(imp.shape[1]), key=lambda j: (-float(row[j]), j)) for row in imp]
 
 
+def check_importance(model: nn.Module, importance: Any) -> torch.Tensor:
+    """importance as a CPU float32 [blocks, heads] tensor; HeadsError unless that is the model's shape."""
+    d, imp = vit_dims(model), torch.as_tensor(importance, dtype=torch.float32).detach().cpu()
+    if tuple(imp.shape) != (d.depth, d.attn_heads):
+        raise HeadsError(f"head importance must be [blocks, heads] = [{d.depth}, {d.attn_heads}], got "
+                         f"{list(imp.shape)}; compute it with tcl.compress.joint.head_importance(model, split)")
+    return imp
+
+
 def importance_of(table: Any) -> torch.Tensor:
     """The head importance a joint search recorded in its table (a LookupTable, or its data dict)."""
     data = getattr(table, "data", table)
@@ -81,11 +90,7 @@ def build(model: nn.Module, schedule: Schedule, importance: torch.Tensor | Any =
     if is_patched(model):
         raise ScheduleError("the model is patched; build from the unpatched model (tcl.unpatch first)")
     if importance is not None:
-        imp = importance if isinstance(importance, torch.Tensor) else importance_of(importance)
-        d = vit_dims(model)
-        if tuple(imp.shape) != (d.depth, d.attn_heads):
-            raise HeadsError(f"head importance must be [blocks, heads] = [{d.depth}, {d.attn_heads}], got "
-                             f"{list(imp.shape)}; compute it with tcl.compress.joint.head_importance(model, split)")
+        imp = check_importance(model, importance if isinstance(importance, torch.Tensor) else importance_of(importance))
         schedule = schedule.with_heads(schedule.heads, head_order(imp))
     new = patch(copy.deepcopy(model), schedule)
     new._tcl_info["own_attention"] = {}  # a copy: unpatch keeps its pruned heads rather than holding the originals

@@ -32,8 +32,16 @@ FEATURES = ("tokens", "attn_n", "attn_n2", "attn_n2_not16", "attn_heads", "prune
             "merge_pairs", "mlp_k")
 DTYPES = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 
-__all__ = ["LatencyError", "LatencyModel", "block_features", "features", "device_context", "measure", "fit",
+__all__ = ["LatencyError", "LatencyModel", "dtype_of", "block_features", "features", "device_context", "measure", "fit",
            "calibrate", "random_schedules", "snap16", "FEATURES"]
+
+
+def dtype_of(amp: str | None) -> str:
+    """The dtype name a latency model records for a tcl amp setting (None / 'off', 'bf16', 'fp16')."""
+    names = {v: k for k, v in DTYPES.items()} | {"off": "float32"}
+    if amp not in names:
+        raise LatencyError(f"amp must be None, 'off', 'bf16' or 'fp16', got {amp!r}")
+    return names[amp]
 
 
 class LatencyError(ValueError):

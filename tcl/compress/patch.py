@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..vit import require_vit
 from . import tokens
-from .attention import _PLAIN_ATTENTION, _TCL_ATTENTION, TclAttention, TclPrunedAttention, prune_heads_in_place  # noqa: F401
+from .attention import _PLAIN_ATTENTION, _TCL_ATTENTION, prune_heads_in_place
 from .schedule import Schedule, ScheduleError, vit_dims
 from .settings import Fuse, MergeKind, Order, PatchSettings, SettingsError, Similarity
 

@@ -172,6 +172,11 @@ class Schedule:
             n = m
         return out
 
+    def counts(self) -> dict[str, Any]:
+        """The counts alone as a JSON-able dict (prune, merge and, when it keeps fewer, heads): a search log's form."""
+        d: dict[str, Any] = {"prune": list(self.prune), "merge": list(self.merge)}
+        return d if self.heads is None else {**d, "heads": list(self.heads)}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (with "settings", "heads" and "head_order" when it carries them)."""
         d: dict[str, Any] = {"prune": list(self.prune), "merge": list(self.merge), "meta": self.meta}

@@ -23,11 +23,6 @@ def _config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "settings.json").read_text())["config"]
 
 
-def _sched(s: Schedule) -> dict[str, Any]:
-    out: dict[str, Any] = {"prune": list(s.prune), "merge": list(s.merge)}
-    return out if s.heads is None else {**out, "heads": list(s.heads)}
-
-
 def latency_table(model: torch.nn.Module, scorer: Scorer, search_dir: str | os.PathLike, latency: LatencyModel,
                   bin_width: float = 0.02, topk: int = 1, snap: bool = True,
                   within: tuple[float, float] | None = None, progress: bool = False) -> LookupTable:
@@ -61,12 +56,12 @@ def latency_table(model: torch.nn.Module, scorer: Scorer, search_dir: str | os.P
         for rs in tqdm(list(by_bin(pool).values()), desc="snap16", disable=not progress, leave=False):
             for r in rs[:topk]:
                 s = snap16(d, Schedule.from_dict(r["schedule"]))
-                key = json.dumps(_sched(s), sort_keys=True)
+                key = json.dumps(s.counts(), sort_keys=True)
                 if key in seen or not lo <= latency.predict(s) / base < hi:
                     continue
                 seen.add(key)
                 pool.append({"stage": "snap16", "id": next_id, "kind": "snap16", "macs": macs(model, s),
-                             "schedule": _sched(s), "scores": scorer(s, cfg["subset"]), "latency_ms": latency.predict(s)})
+                             "schedule": s.counts(), "scores": scorer(s, cfg["subset"]), "latency_ms": latency.predict(s)})
                 next_id += 1
     entries = []
     for _, rs in tqdm(sorted(by_bin(pool).items()), desc="latency bins", disable=not progress, leave=False):

@@ -194,11 +194,8 @@ class _Run:
             s = make(i)
             with torch.autocast(device, dtype=torch.bfloat16) if low else contextlib.nullcontext():
                 scores = self.scorer(s, n)
-            sched: dict[str, Any] = {"prune": list(s.prune), "merge": list(s.merge)}
-            if s.heads is not None:
-                sched["heads"] = list(s.heads)
             rec = {"stage": stage, "id": i, "n": n, "macs": _macs(self.d, s.merge, s.heads), "kind": s.meta.get("kind"),
-                   "schedule": sched, "scores": scores}
+                   "schedule": s.counts(), "scores": scores}
             self.log.append(rec)
             new.append(rec)
         self.evaluated += len(new)

@@ -233,13 +233,9 @@ def joint_scorer(model: torch.nn.Module, data: Dataset | tuple[torch.Tensor, tor
                  method: str = "fisher", info: dict[str, Any] | None = None, **kwargs: Any) -> ReferenceScorer:
     """A ReferenceScorer of schedules with kept heads, ranked by `importance` [blocks, heads] (recorded in its info,
     so the search's table carries it); kwargs are ReferenceScorer's and tcl.patch's keywords."""
-    from ..compress.joint import head_order
+    from ..compress.joint import check_importance, head_order
 
-    d = vit_dims(model)
-    imp = torch.as_tensor(importance, dtype=torch.float32).cpu()
-    if tuple(imp.shape) != (d.depth, d.attn_heads):
-        raise SearchError(f"head importance must be [blocks, heads] = [{d.depth}, {d.attn_heads}], got "
-                          f"{list(imp.shape)}; compute it with tcl.compress.joint.head_importance(model, split)")
+    imp = check_importance(model, importance)
     order = head_order(imp)
     info = {**(info or {}), "head_importance": {"method": method, "scores": imp.tolist(), "order": order}}
     return ReferenceScorer(model, data, info=info, head_order=order, **kwargs)
